@@ -1,0 +1,99 @@
+//! The facade's typed error.
+
+use std::path::PathBuf;
+
+/// Everything that can fail while finding, fetching, loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model itself rejected its configuration or inputs.
+    #[error(transparent)]
+    Model(#[from] bert_embeddings::Error),
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A checkpoint directory or file set is incomplete or malformed.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Tensors the architecture needs are not in the checkpoint.
+    #[error("checkpoint {path} lacks {} tensor(s) that {architecture} needs: {}", .names.len(), .names.join(", "))]
+    MissingTensors {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The model class being loaded.
+        architecture: &'static str,
+        /// Every missing tensor name (as the model asks for it).
+        names: Vec<String>,
+    },
+
+    /// A model specification could not be understood.
+    #[error("unknown model {spec:?}: {reason}")]
+    UnknownModel {
+        /// What the user asked for.
+        spec: String,
+        /// Why it is not a model source, and what would be.
+        reason: String,
+    },
+
+    /// A download or a model source failed.
+    #[error("fetching {what}: {reason}")]
+    Fetch {
+        /// What was being fetched.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+
+    /// A fetched file does not have its pinned sha256.
+    #[error("{path}: sha256 is {actual}, expected {expected} (corrupted or tampered download)")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// The pinned digest.
+        expected: String,
+        /// The digest of what was fetched.
+        actual: String,
+    },
+
+    /// The tensor backend failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn fetch(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Fetch {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result alias of the facade.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,148 @@
+//! Loading a model: which files make a checkpoint, and building any BERT architecture from them.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use bert_embeddings::Config;
+use bert_heads::{
+    BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining,
+    BertForSequenceClassification, BertModel,
+};
+
+use crate::checkpoint::{Checkpoint, LoadReport, WeightFiles};
+use crate::error::{Error, Result};
+
+/// The files of a model on local disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The directory they came from.
+    pub dir: PathBuf,
+    /// `config.json`.
+    pub config: PathBuf,
+    /// The weight files, in load order.
+    pub weights: WeightFiles,
+    /// `tokenizer.json`, when the model ships one.
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl ModelFiles {
+    /// The files of an HF-layout model directory (`config.json` + weights, optionally
+    /// `tokenizer.json`).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(dir, "not a directory"));
+        }
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(Error::checkpoint(dir, "no config.json"));
+        }
+        let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            weights: WeightFiles::find_in(dir)?,
+            tokenizer,
+        })
+    }
+
+    /// Adds weight files read after the base ones (a trained head on top of base weights);
+    /// their tensors take precedence over same-named base tensors.
+    pub fn with_extra_weights(mut self, path: impl Into<PathBuf>) -> Self {
+        self.weights.paths.push(path.into());
+        self
+    }
+
+    /// Uses another `config.json` (for example one that adds a classification head).
+    pub fn with_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config = path.into();
+        self
+    }
+
+    /// Parses the config.
+    pub fn read_config(&self) -> Result<Config> {
+        Ok(Config::from_file(&self.config)?)
+    }
+}
+
+/// A BERT model class that can be built from a checkpoint.
+pub trait Architecture: Sized {
+    /// The transformers class name.
+    const NAME: &'static str;
+
+    /// Builds the model from `vb`, which resolves names against `checkpoint`.
+    fn build(
+        config: &Config,
+        vb: VarBuilder,
+        checkpoint: &Checkpoint,
+    ) -> bert_embeddings::Result<Self>;
+}
+
+impl Architecture for BertModel {
+    const NAME: &'static str = "BertModel";
+
+    /// Loads the pooler when the checkpoint has one (a `BertForMaskedLM` checkpoint does not).
+    fn build(
+        config: &Config,
+        vb: VarBuilder,
+        checkpoint: &Checkpoint,
+    ) -> bert_embeddings::Result<Self> {
+        let has_pooler = checkpoint.resolve("pooler.dense.weight").is_some();
+        BertModel::load(config, vb, has_pooler)
+    }
+}
+
+macro_rules! architecture {
+    ($ty:ident) => {
+        impl Architecture for $ty {
+            const NAME: &'static str = stringify!($ty);
+
+            fn build(
+                config: &Config,
+                vb: VarBuilder,
+                _: &Checkpoint,
+            ) -> bert_embeddings::Result<Self> {
+                $ty::load(config, vb)
+            }
+        }
+    };
+}
+
+architecture!(BertForSequenceClassification);
+architecture!(BertForMaskedLM);
+architecture!(BertForNextSentencePrediction);
+architecture!(BertForPreTraining);
+
+/// A loaded model with its config and what loading left unused.
+#[derive(Debug, Clone)]
+pub struct Loaded<M> {
+    /// The model.
+    pub model: M,
+    /// Its configuration.
+    pub config: Config,
+    /// Tensors of the checkpoint the architecture did not use.
+    pub report: LoadReport,
+    /// The files it was read from.
+    pub files: ModelFiles,
+}
+
+/// Loads architecture `M` from `files`, converting weights to `dtype` on `device`.
+pub fn load<M: Architecture>(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded<M>> {
+    let config = files.read_config()?;
+    let checkpoint = Checkpoint::open(&files.weights)?;
+    let (model, report) = checkpoint.build(M::NAME, dtype, device, |vb| {
+        M::build(&config, vb, &checkpoint)
+    })?;
+    Ok(Loaded {
+        model,
+        config,
+        report,
+        files: files.clone(),
+    })
+}

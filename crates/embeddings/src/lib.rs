@@ -1,0 +1,13 @@
+//! The bottom of the BERT stack: the [`Config`] mirror of HF's `config.json`, the typed
+//! [`Error`], the [`nn`] building blocks every layer uses, and [`BertEmbeddings`].
+//!
+//! Most users want the `bert` facade crate, which loads checkpoints and re-exports this one.
+
+pub mod config;
+pub mod embeddings;
+pub mod error;
+pub mod nn;
+
+pub use config::{Config, HiddenAct, PositionEmbeddingType, ProblemType};
+pub use embeddings::BertEmbeddings;
+pub use error::{Error, Result};

@@ -1,0 +1,301 @@
+//! Building blocks shared by every BERT module: linear, embedding, LayerNorm, dropout,
+//! activations and softmax.
+//!
+//! candle's fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record no gradient.
+//! Each block here takes the fused kernel only when nothing needs a gradient (no weight is a
+//! trainable variable and the input carries no graph) and a composed, differentiable path
+//! otherwise, so training sees exact gradients and inference keeps the fast kernels.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::config::HiddenAct;
+use crate::error::{Error, Result};
+
+/// Whether a computation over these tensors must be recorded for backpropagation.
+fn needs_grad(tensors: &[&Tensor]) -> bool {
+    tensors.iter().any(|t| t.track_op())
+}
+
+/// `y = x W^T + b`, HF's `nn.Linear` (weight `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Wraps existing tensors (`weight: [out, in]`, `bias: [out]`).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Loads `weight` and `bias` under `vb`.
+    pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = vb.get(out_dim, "bias")?;
+        Ok(Self::new(weight, Some(bias)))
+    }
+
+    /// The `[out, in]` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The `[out]` bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Fold every leading dimension into the rows so the product is one GEMM instead of a
+        // batch of small ones against a broadcast weight.
+        let dims = x.dims();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// A lookup table (`nn.Embedding`).
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    /// Wraps a `[rows, dim]` table.
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight }
+    }
+
+    /// Loads `weight` of shape `[rows, dim]` under `vb`.
+    pub fn load(rows: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::new(vb.get((rows, dim), "weight")?))
+    }
+
+    /// The `[rows, dim]` table.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut out_dims = ids.dims().to_vec();
+        out_dims.push(self.weight.dim(1)?);
+        self.weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(out_dims)
+    }
+}
+
+/// LayerNorm over the last dimension, with statistics in f32 for half-precision inputs.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Wraps existing `[dim]` weight and bias.
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
+    /// Loads `weight` and `bias` of shape `[dim]` under `vb`.
+    pub fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::new(vb.get(dim, "weight")?, vb.get(dim, "bias")?, eps))
+    }
+
+    /// The `[dim]` scale.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The `[dim]` shift.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if needs_grad(&[x, &self.weight, &self.bias]) {
+            return layer_norm_differentiable(x, &self.weight, &self.bias, self.eps);
+        }
+        let x = x.contiguous()?;
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
+    }
+}
+
+/// LayerNorm as plain tensor ops, every one of which has a backward.
+fn layer_norm_differentiable(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(compute_dtype(dtype))?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// The dtype reductions run in: f32 for half-precision inputs, the input's own otherwise.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Softmax over the last dimension: candle's fused kernel for inference, composed ops when a
+/// gradient is needed.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if needs_grad(&[x]) {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// Inverted dropout that drops only when `train` is set (HF's `nn.Dropout` in train mode).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    p: f32,
+}
+
+impl Dropout {
+    /// A dropout layer with drop probability `p` in [0, 1).
+    pub fn new(p: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::input(format!(
+                "dropout probability must be in [0, 1), got {p}"
+            )));
+        }
+        Ok(Self { p: p as f32 })
+    }
+
+    /// The drop probability.
+    pub fn p(&self) -> f32 {
+        self.p
+    }
+
+    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` when
+    /// training; the identity otherwise.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        candle_nn::ops::dropout(x, self.p)
+    }
+}
+
+/// Applies a `hidden_act` activation.
+pub fn activation(act: HiddenAct, x: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        HiddenAct::Gelu => x.gelu_erf(),
+        // candle's `gelu` is the tanh approximation, which is what both names mean.
+        HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => x.gelu(),
+        HiddenAct::Relu => x.relu(),
+        HiddenAct::Silu | HiddenAct::Swish => x.silu(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_and_differentiable_layer_norm_agree() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (2, 5, 16), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 16, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 16, &dev).unwrap();
+        let fused = LayerNorm::new(w.clone(), b.clone(), 1e-12)
+            .forward(&x)
+            .unwrap();
+        let composed = layer_norm_differentiable(&x, &w, &b, 1e-12).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+    }
+
+    #[test]
+    fn layer_norm_records_gradients_for_trainable_weights() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
+        let w = Var::ones(8, DType::F32, &dev).unwrap();
+        let b = Var::zeros(8, DType::F32, &dev).unwrap();
+        let ln = LayerNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 1e-5);
+        let loss = ln.forward(&x).unwrap().sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(w.as_tensor()).is_some());
+        assert!(grads.get(b.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn dropout_only_in_training() {
+        let x = Tensor::ones((1000,), DType::F32, &Device::Cpu).unwrap();
+        let d = Dropout::new(0.5).unwrap();
+        let eval = d.forward(&x, false).unwrap();
+        assert_eq!(max_abs_diff(&eval, &x), 0.0);
+        let train = d.forward(&x, true).unwrap().to_vec1::<f32>().unwrap();
+        let zeros = train.iter().filter(|&&v| v == 0.0).count();
+        assert!((300..700).contains(&zeros), "{zeros} of 1000 dropped");
+        assert!(train.iter().all(|&v| v == 0.0 || (v - 2.0).abs() < 1e-6));
+        assert!(Dropout::new(1.0).is_err());
+    }
+
+    #[test]
+    fn linear_matches_matmul() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 3), &dev).unwrap();
+        let y = Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 5, 4]);
+        let expected = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_abs_diff(&y, &expected) < 1e-5);
+    }
+}

@@ -1,0 +1,115 @@
+//! The layer stack (`BertEncoder`, `encoder.layer.*`).
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use bert_embeddings::{Config, Result};
+
+use crate::layer::BertLayer;
+use crate::mask::padding_bias;
+
+/// What a forward pass computes besides the last hidden state, and whether it trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// Training mode: dropout drops. Off for inference.
+    pub train: bool,
+    /// Return the embedding output and every layer's output.
+    pub output_hidden_states: bool,
+    /// Return every layer's attention probabilities.
+    pub output_attentions: bool,
+}
+
+impl ForwardOptions {
+    /// Inference: no dropout, only the last hidden state.
+    pub fn inference() -> Self {
+        Self::default()
+    }
+
+    /// Training: dropout active.
+    pub fn training() -> Self {
+        Self {
+            train: true,
+            ..Self::default()
+        }
+    }
+
+    /// Also return all hidden states.
+    pub fn with_hidden_states(mut self) -> Self {
+        self.output_hidden_states = true;
+        self
+    }
+
+    /// Also return all attention probabilities.
+    pub fn with_attentions(mut self) -> Self {
+        self.output_attentions = true;
+        self
+    }
+}
+
+/// The encoder's outputs, as HF's `BaseModelOutput`.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// `[batch, seq, hidden]` output of the last layer.
+    pub last_hidden_state: Tensor,
+    /// The input and every layer's output (`num_layers + 1` tensors), when asked for.
+    pub hidden_states: Option<Vec<Tensor>>,
+    /// Every layer's `[batch, heads, seq, seq]` attention probabilities, when asked for.
+    pub attentions: Option<Vec<Tensor>>,
+}
+
+/// `encoder.*`: `num_hidden_layers` [`BertLayer`]s.
+#[derive(Debug, Clone)]
+pub struct BertEncoder {
+    layers: Vec<BertLayer>,
+}
+
+impl BertEncoder {
+    /// Loads `layer.0` .. `layer.{N-1}` under `vb`.
+    pub fn load(config: &Config, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("layer");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer::load(config, vb.pp(i)))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// The layers, in order.
+    pub fn layers(&self) -> &[BertLayer] {
+        &self.layers
+    }
+
+    /// Runs the stack over `hidden_states` (`[batch, seq, hidden]`). `attention_mask`
+    /// (`[batch, seq]`, 1 for tokens, 0 for padding) keeps padded keys out of attention.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        attention_mask: Option<&Tensor>,
+        options: &ForwardOptions,
+    ) -> Result<EncoderOutput> {
+        let (batch, seq, _) = hidden_states.dims3()?;
+        let bias = attention_mask
+            .map(|mask| padding_bias(mask, batch, seq))
+            .transpose()?;
+        let mut all_hidden = options.output_hidden_states.then(Vec::new);
+        let mut all_attentions = options.output_attentions.then(Vec::new);
+        let mut hidden = hidden_states.clone();
+        for layer in &self.layers {
+            if let Some(all) = all_hidden.as_mut() {
+                all.push(hidden.clone());
+            }
+            let (next, probs) = layer.forward(&hidden, bias.as_ref(), options.train)?;
+            if let Some(all) = all_attentions.as_mut() {
+                all.push(probs);
+            }
+            hidden = next;
+        }
+        if let Some(all) = all_hidden.as_mut() {
+            all.push(hidden.clone());
+        }
+        Ok(EncoderOutput {
+            last_hidden_state: hidden,
+            hidden_states: all_hidden,
+            attentions: all_attentions,
+        })
+    }
+}

@@ -1,0 +1,61 @@
+//! The position-wise feed-forward block: `BertIntermediate` (dense + activation) and
+//! `BertOutput` (dense, dropout, residual, LayerNorm) of transformers' modeling_bert.py.
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use bert_embeddings::nn::{activation, Dropout, LayerNorm, Linear};
+use bert_embeddings::{Config, HiddenAct, Result};
+
+/// `intermediate.*`: hidden -> intermediate width, then `hidden_act`.
+#[derive(Debug, Clone)]
+pub struct BertIntermediate {
+    dense: Linear,
+    act: HiddenAct,
+}
+
+impl BertIntermediate {
+    /// Loads `dense` under `vb`.
+    pub fn load(config: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            dense: Linear::load(config.hidden_size, config.intermediate_size, vb.pp("dense"))?,
+            act: config.hidden_act,
+        })
+    }
+
+    /// `act(dense(x))`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(activation(self.act, &self.dense.forward(x)?)?)
+    }
+}
+
+/// `output.*`: intermediate -> hidden width, dropout, residual and LayerNorm.
+#[derive(Debug, Clone)]
+pub struct BertOutput {
+    dense: Linear,
+    layer_norm: LayerNorm,
+    dropout: Dropout,
+}
+
+impl BertOutput {
+    /// Loads `dense` and `LayerNorm` under `vb`.
+    pub fn load(config: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            dense: Linear::load(config.intermediate_size, config.hidden_size, vb.pp("dense"))?,
+            layer_norm: LayerNorm::load(
+                config.hidden_size,
+                config.layer_norm_eps,
+                vb.pp("LayerNorm"),
+            )?,
+            dropout: Dropout::new(config.hidden_dropout_prob)?,
+        })
+    }
+
+    /// `LayerNorm(dropout(dense(intermediate)) + residual)`.
+    pub fn forward(&self, intermediate: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        let projected = self
+            .dropout
+            .forward(&self.dense.forward(intermediate)?, train)?;
+        Ok(self.layer_norm.forward(&(projected + residual)?)?)
+    }
+}

@@ -1,0 +1,40 @@
+//! One transformer block (`BertLayer`): attention, then the feed-forward block.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use bert_embeddings::{Config, Result};
+
+use crate::attention::BertAttention;
+use crate::feed_forward::{BertIntermediate, BertOutput};
+
+/// `encoder.layer.N.*`.
+#[derive(Debug, Clone)]
+pub struct BertLayer {
+    attention: BertAttention,
+    intermediate: BertIntermediate,
+    output: BertOutput,
+}
+
+impl BertLayer {
+    /// Loads `attention`, `intermediate` and `output` under `vb`.
+    pub fn load(config: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attention: BertAttention::load(config, vb.pp("attention"))?,
+            intermediate: BertIntermediate::load(config, vb.pp("intermediate"))?,
+            output: BertOutput::load(config, vb.pp("output"))?,
+        })
+    }
+
+    /// Returns the layer's output and its attention probabilities.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (attended, probs) = self.attention.forward(hidden_states, bias, train)?;
+        let intermediate = self.intermediate.forward(&attended)?;
+        Ok((self.output.forward(&intermediate, &attended, train)?, probs))
+    }
+}

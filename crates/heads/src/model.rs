@@ -1,0 +1,138 @@
+//! `BertModel`: embeddings, encoder and (optionally) the pooler, as transformers' `BertModel`.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use bert_embeddings::{BertEmbeddings, Config, Result};
+use bert_encoder::{BertEncoder, ForwardOptions};
+
+use crate::pooler::BertPooler;
+
+/// The inputs of one forward pass, HF's argument names.
+#[derive(Debug, Clone, Copy)]
+pub struct BertInputs<'a> {
+    /// `[batch, seq]` token ids (u8, u32 or i64).
+    pub input_ids: &'a Tensor,
+    /// `[batch, seq]`, 1 for tokens and 0 for padding; `None` attends everywhere.
+    pub attention_mask: Option<&'a Tensor>,
+    /// `[batch, seq]` segment ids (0 for sentence A, 1 for B); `None` means all zeros.
+    pub token_type_ids: Option<&'a Tensor>,
+    /// `[batch, seq]` or `[1, seq]` positions; `None` means `0..seq`.
+    pub position_ids: Option<&'a Tensor>,
+}
+
+impl<'a> BertInputs<'a> {
+    /// Inputs with only token ids.
+    pub fn new(input_ids: &'a Tensor) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            token_type_ids: None,
+            position_ids: None,
+        }
+    }
+
+    /// Sets the padding mask.
+    pub fn with_attention_mask(mut self, mask: &'a Tensor) -> Self {
+        self.attention_mask = Some(mask);
+        self
+    }
+
+    /// Sets the segment ids.
+    pub fn with_token_type_ids(mut self, ids: &'a Tensor) -> Self {
+        self.token_type_ids = Some(ids);
+        self
+    }
+
+    /// Sets the position ids.
+    pub fn with_position_ids(mut self, ids: &'a Tensor) -> Self {
+        self.position_ids = Some(ids);
+        self
+    }
+}
+
+/// What [`BertModel::forward`] returns, as HF's `BaseModelOutputWithPooling`.
+#[derive(Debug, Clone)]
+pub struct BertModelOutput {
+    /// `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// `[batch, hidden]` pooled [CLS] state, when the model has a pooler.
+    pub pooler_output: Option<Tensor>,
+    /// Embedding output and every layer's output, when asked for.
+    pub hidden_states: Option<Vec<Tensor>>,
+    /// Every layer's attention probabilities, when asked for.
+    pub attentions: Option<Vec<Tensor>>,
+}
+
+/// The bare encoder with embeddings and optional pooler.
+#[derive(Debug, Clone)]
+pub struct BertModel {
+    embeddings: BertEmbeddings,
+    encoder: BertEncoder,
+    pooler: Option<BertPooler>,
+    config: Config,
+}
+
+impl BertModel {
+    /// Loads `embeddings.*`, `encoder.*` and, with `add_pooling_layer`, `pooler.*` under `vb`.
+    pub fn load(config: &Config, vb: VarBuilder, add_pooling_layer: bool) -> Result<Self> {
+        Ok(Self {
+            embeddings: BertEmbeddings::load(config, vb.pp("embeddings"))?,
+            encoder: BertEncoder::load(config, vb.pp("encoder"))?,
+            pooler: if add_pooling_layer {
+                Some(BertPooler::load(config, vb.pp("pooler"))?)
+            } else {
+                None
+            },
+            config: config.clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The embeddings layer.
+    pub fn embeddings(&self) -> &BertEmbeddings {
+        &self.embeddings
+    }
+
+    /// The layer stack.
+    pub fn encoder(&self) -> &BertEncoder {
+        &self.encoder
+    }
+
+    /// The pooler, if loaded.
+    pub fn pooler(&self) -> Option<&BertPooler> {
+        self.pooler.as_ref()
+    }
+
+    /// Runs embeddings, encoder and pooler.
+    pub fn forward(
+        &self,
+        inputs: &BertInputs,
+        options: &ForwardOptions,
+    ) -> Result<BertModelOutput> {
+        let embedded = self.embeddings.forward(
+            inputs.input_ids,
+            inputs.token_type_ids,
+            inputs.position_ids,
+            options.train,
+        )?;
+        let encoded = self
+            .encoder
+            .forward(&embedded, inputs.attention_mask, options)?;
+        let pooler_output = self
+            .pooler
+            .as_ref()
+            .map(|pooler| pooler.forward(&encoded.last_hidden_state))
+            .transpose()?;
+        Ok(BertModelOutput {
+            last_hidden_state: encoded.last_hidden_state,
+            pooler_output,
+            hidden_states: encoded.hidden_states,
+            attentions: encoded.attentions,
+        })
+    }
+}
