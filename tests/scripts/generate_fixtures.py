@@ -129,6 +129,11 @@ def minilm_fixtures(folder: Path, out: Path) -> None:
                 tensors[f"{name}.{key}"] = value
             tensors[f"{name}.last_hidden_state"] = result.last_hidden_state
             tensors[f"{name}.pooler_output"] = result.pooler_output
+        # The same model in f64, on every position: an exactness reference that f32 rounding
+        # does not blur (transformers' own f32 states at padded positions are 1e-4 from it).
+        model64 = BertModel.from_pretrained(folder, attn_implementation="eager", torch_dtype=torch.float64).eval()
+        single = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[1] in ("input_ids", "attention_mask", "token_type_ids") and k.startswith("single.")}
+        tensors["single.last_hidden_state_f64"] = model64(**single).last_hidden_state
 
         for num_labels in (1, 3):
             torch.manual_seed(1000 + num_labels)

@@ -30,42 +30,44 @@ pub fn minilm_files() -> ModelFiles {
         .unwrap_or_else(|e| panic!("cannot fetch the default model: {e}"))
 }
 
-fn flat_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
+/// The values as f64 (exact for every float dtype).
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
         .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("tensor converts to f32")
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("tensor converts to f64")
 }
 
-/// Largest element-wise difference; panics on a shape mismatch.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+/// Largest element-wise difference (a NaN anywhere counts as infinite); panics on a shape
+/// mismatch.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    flat_f32(a)
+    flat(a)
         .iter()
-        .zip(flat_f32(b))
+        .zip(flat(b))
         .map(|(x, y)| (x - y).abs())
         .fold(
             0.0,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+            |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
         )
 }
 
 /// Cosine similarity of two tensors taken as flat vectors.
 pub fn cosine(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (flat_f32(a), flat_f32(b));
-    let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let (a, b) = (flat(a), flat(b));
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     dot / (norm(&a) * norm(&b))
 }
 
 /// Whether every element is finite.
 pub fn all_finite(t: &Tensor) -> bool {
-    flat_f32(t).iter().all(|x| x.is_finite())
+    flat(t).iter().all(|x| x.is_finite())
 }
 
 /// Asserts `actual` is within `tolerance` of `expected` element-wise.
 #[track_caller]
-pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f32) {
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) {
     let diff = max_abs_diff(actual, expected);
     assert!(
         diff <= tolerance,
@@ -98,4 +100,14 @@ pub fn lengths(attention_mask: &Tensor) -> Vec<usize> {
         .into_iter()
         .map(|s| s as usize)
         .collect()
+}
+
+/// `[batch, seq, hidden]` states with the positions a 0/1 `attention_mask` marks as padding set
+/// to zero, so comparisons look at real tokens only.
+pub fn real_tokens(states: &Tensor, attention_mask: &Tensor) -> Tensor {
+    let mask = attention_mask
+        .to_dtype(states.dtype())
+        .and_then(|m| m.unsqueeze(2))
+        .expect("mask converts");
+    states.broadcast_mul(&mask).expect("mask matches states")
 }

@@ -10,7 +10,7 @@ use bert::{
 };
 use bert_tests::{assert_close, assert_half_close, fixture, lengths, outputs, row};
 
-const TOLERANCE: f32 = 5e-5;
+const TOLERANCE: f64 = 5e-5;
 
 /// Every output of the architecture the checkpoint names, keyed as the fixture keys them.
 fn run(name: &str, dtype: DType, inputs: &BertInputs, bare: bool) -> HashMap<String, Tensor> {

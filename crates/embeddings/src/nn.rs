@@ -163,7 +163,8 @@ impl TwoPassLayerNorm {
         let mut out = Vec::with_capacity(x.len());
         for row in x.chunks_exact(dim) {
             let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
-            let variance = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
+            let variance =
+                row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
             let inv_std = 1.0 / (variance + self.eps).sqrt();
             out.extend(row.iter().zip(weight).zip(bias).map(|((v, w), b)| {
                 T::from_f64((v.to_f64() - mean) * inv_std * w.to_f64() + b.to_f64())
@@ -203,18 +204,34 @@ impl CustomOp3 for TwoPassLayerNorm {
             }
         }
         let out = match (x, weight, bias) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(
-                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
-            ),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => CpuStorage::F16(
-                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
-            ),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => CpuStorage::BF16(
-                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
-            ),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => CpuStorage::F64(
-                self.run(slice(x, x_layout)?, slice(w, weight_layout)?, slice(b, bias_layout)?),
-            ),
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.run(
+                    slice(x, x_layout)?,
+                    slice(w, weight_layout)?,
+                    slice(b, bias_layout)?,
+                ))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => {
+                CpuStorage::F16(self.run(
+                    slice(x, x_layout)?,
+                    slice(w, weight_layout)?,
+                    slice(b, bias_layout)?,
+                ))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
+                CpuStorage::BF16(self.run(
+                    slice(x, x_layout)?,
+                    slice(w, weight_layout)?,
+                    slice(b, bias_layout)?,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(self.run(
+                    slice(x, x_layout)?,
+                    slice(w, weight_layout)?,
+                    slice(b, bias_layout)?,
+                ))
+            }
             _ => candle_core::bail!("layer-norm: input, weight and bias need one float dtype"),
         };
         Ok((out, x_layout.shape().clone()))
@@ -329,7 +346,10 @@ mod tests {
         let b = Tensor::zeros(384, DType::F64, &dev).unwrap();
         let exact = layer_norm_differentiable(&x64, &w, &b, 1e-12).unwrap();
         let x32 = x64.to_dtype(DType::F32).unwrap();
-        let (w32, b32) = (w.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        let (w32, b32) = (
+            w.to_dtype(DType::F32).unwrap(),
+            b.to_dtype(DType::F32).unwrap(),
+        );
         let ours = LayerNorm::new(w32, b32, 1e-12).forward(&x32).unwrap();
         let diff = max_abs_diff(&ours, &exact.to_dtype(DType::F32).unwrap());
         assert!(diff < 1e-4, "max abs diff {diff}");
