@@ -3,7 +3,7 @@
 //! This facade is what applications import. It re-exports the model crates
 //! ([`bert_embeddings`], [`bert_encoder`], [`bert_heads`]) and adds what they leave out:
 //! finding and fetching models ([`ModelSource`]), reading checkpoints ([`Checkpoint`]) and
-//! building any architecture from them ([`load`]).
+//! building any architecture from them ([`load()`]).
 //!
 //! ```no_run
 //! use bert::{load, BertInputs, BertModel, DType, Device, ForwardOptions, ModelSource, Tensor};

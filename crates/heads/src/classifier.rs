@@ -1,4 +1,4 @@
-//! `BertForSequenceClassification`: pooled [CLS] -> dropout -> linear, and the activation that
+//! `BertForSequenceClassification`: pooled `[CLS]` -> dropout -> linear, and the activation that
 //! turns its logits into probabilities.
 
 use candle_core::{Module, Tensor};

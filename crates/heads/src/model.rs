@@ -56,7 +56,7 @@ impl<'a> BertInputs<'a> {
 pub struct BertModelOutput {
     /// `[batch, seq, hidden]`.
     pub last_hidden_state: Tensor,
-    /// `[batch, hidden]` pooled [CLS] state, when the model has a pooler.
+    /// `[batch, hidden]` pooled `[CLS]` state, when the model has a pooler.
     pub pooler_output: Option<Tensor>,
     /// Embedding output and every layer's output, when asked for.
     pub hidden_states: Option<Vec<Tensor>>,

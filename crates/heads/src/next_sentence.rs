@@ -11,7 +11,7 @@ use bert_encoder::ForwardOptions;
 use crate::masked_lm::BertLMPredictionHead;
 use crate::model::{BertInputs, BertModel, BertModelOutput};
 
-/// `cls.seq_relationship`: pooled [CLS] -> 2 logits (0: B follows A, 1: B is random).
+/// `cls.seq_relationship`: pooled `[CLS]` -> 2 logits (0: B follows A, 1: B is random).
 #[derive(Debug, Clone)]
 pub struct BertNspHead {
     seq_relationship: Linear,

@@ -1,4 +1,4 @@
-//! `BertPooler`: dense + tanh over the first ([CLS]) token.
+//! `BertPooler`: dense + tanh over the first (`[CLS]`) token.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
