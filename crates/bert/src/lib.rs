@@ -5,7 +5,7 @@
 //! finding and fetching models ([`ModelSource`]), reading checkpoints ([`Checkpoint`]) and
 //! building any architecture from them ([`load()`]).
 //!
-//! ```no_run
+//! ```
 //! use bert::{load, BertInputs, BertModel, DType, Device, ForwardOptions, ModelSource, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
