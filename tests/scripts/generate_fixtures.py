@@ -19,7 +19,10 @@ What it writes (all weights random and seeded except all-MiniLM-L6-v2's):
                 outputs of a padded batch: absolute / relative_key / relative_key_query positions,
                 gelu / gelu_new / relu / silu / gelu_pytorch_tanh, BertModel, BertForPreTraining,
                 BertForMaskedLM (.bin, and an untied variant), BertForNextSentencePrediction
-                (sharded safetensors), multi-label BertForSequenceClassification.
+                (sharded safetensors), multi-label, 3-class and 1-label (cross-encoder)
+                BertForSequenceClassification.
+  tokenization.json, tiny-*/tokenizer.json
+                from generate_tokenizer_fixtures.py, which this script runs last.
 """
 
 import argparse
@@ -211,6 +214,9 @@ TINY_MODELS = [
         {},
     ),
     ("tiny-classifier-softmax", BertForSequenceClassification, dict(num_labels=3), {}),
+    # A one-label cross-encoder for the CLI tests (its tokenizer.json comes from
+    # generate_tokenizer_fixtures.py).
+    ("tiny-cross-encoder", BertForSequenceClassification, dict(num_labels=1), {}),
 ]
 
 
@@ -259,6 +265,10 @@ def main() -> None:
     minilm_fixtures(fetch_minilm(args.cache), FIXTURES / "minilm")
     for index, (name, cls, overrides, save_options) in enumerate(TINY_MODELS):
         tiny_fixtures(index, name, cls, overrides, save_options)
+    # The tiny directories were just rewritten: put their tokenizers back.
+    import generate_tokenizer_fixtures
+
+    generate_tokenizer_fixtures.main()
     (FIXTURES / "VERSIONS.json").write_text(
         json.dumps(
             {"torch": torch.__version__, "transformers": transformers.__version__, "script": "tests/scripts/generate_fixtures.py"},

@@ -67,6 +67,14 @@ pub enum Error {
         actual: String,
     },
 
+    /// A device or dtype could not be chosen or opened.
+    #[error("device: {0}")]
+    Device(String),
+
+    /// Text could not be tokenized, or does not fit the model.
+    #[error("tokenization: {0}")]
+    Tokenize(String),
+
     /// The tensor backend failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

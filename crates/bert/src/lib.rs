@@ -2,8 +2,9 @@
 //!
 //! This facade is what applications import. It re-exports the model crates
 //! ([`bert_embeddings`], [`bert_encoder`], [`bert_heads`]) and adds what they leave out:
-//! finding and fetching models ([`ModelSource`]), reading checkpoints ([`Checkpoint`]) and
-//! building any architecture from them ([`load()`]).
+//! finding and fetching models ([`ModelSource`]), reading checkpoints ([`Checkpoint`]),
+//! building any architecture from them ([`load()`]), choosing devices ([`DeviceSpec`]), and the
+//! pipelines users came for: [`PairScorer`] (sentence-pair similarity) and [`Embedder`].
 //!
 //! ```
 //! use bert::{load, BertInputs, BertModel, DType, Device, ForwardOptions, ModelSource, Tensor};
@@ -22,10 +23,13 @@
 //! ```
 
 pub mod checkpoint;
+pub mod device;
 pub mod error;
 pub mod load;
 pub mod manifest;
+pub mod pipeline;
 pub mod source;
+pub mod tokenize;
 
 pub use bert_embeddings;
 pub use bert_encoder;
@@ -43,7 +47,12 @@ pub use bert_heads::{
     SequenceClassifierOutput,
 };
 pub use checkpoint::{Checkpoint, LoadReport, WeightFiles};
+pub use device::{parse_dtype, DeviceSpec};
 pub use error::{Error, Result};
 pub use load::{load, Architecture, Loaded, ModelFiles};
 pub use manifest::{Manifest, ManifestSource, DEFAULT_MODEL};
+pub use pipeline::{
+    cosine_similarity, Embedder, PairScorer, PipelineOptions, Pooling, Ranked, ScoreMode,
+};
 pub use source::ModelSource;
+pub use tokenize::{BertTokenizer, Encoded, TokenizeOptions, Truncation};
