@@ -108,6 +108,9 @@ fn delimited_pairs(
     delimiter: u8,
     quoting: bool,
 ) -> impl Iterator<Item = Result<PairRow>> {
+    // The csv reader skips blank lines without counting them, so line numbers come from the
+    // byte offset of each record instead, counted incrementally.
+    let mut newlines = LineCounter::new(&path);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .delimiter(delimiter)
@@ -118,16 +121,18 @@ fn delimited_pairs(
     let mut first = true;
     let mut record = csv::StringRecord::new();
     std::iter::from_fn(move || loop {
-        let line_hint = reader.position().line();
+        let record_start = reader.position().byte();
         match reader.read_record(&mut record) {
             Ok(false) => return None,
             Err(e) => {
-                let line = e.position().map(|p| p.line()).unwrap_or(line_hint);
+                let byte = e.position().map(|p| p.byte()).unwrap_or(record_start);
+                let line = newlines.line_at(byte);
                 return Some(Err(anyhow!("{}:{line}: {}", path.display(), csv_cause(&e))));
             }
             Ok(true) => {}
         }
-        let line = record.position().map(|p| p.line()).unwrap_or(line_hint);
+        let line = newlines
+            .first_content_line(record.position().map(|p| p.byte()).unwrap_or(record_start));
         if record.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
@@ -171,6 +176,61 @@ fn delimited_pairs(
             Err(cause) => Err(anyhow!("{}:{line}: {cause}", path.display())),
         });
     })
+}
+
+/// Maps byte offsets (non-decreasing) to 1-based line numbers by reading the file alongside.
+struct LineCounter {
+    reader: Option<BufReader<File>>,
+    byte: u64,
+    line: u64,
+}
+
+impl LineCounter {
+    /// A second, independent handle on the file (a cloned handle would share the offset).
+    fn new(path: &Path) -> Self {
+        Self {
+            reader: File::open(path).ok().map(BufReader::new),
+            byte: 0,
+            line: 1,
+        }
+    }
+
+    fn line_at(&mut self, target: u64) -> u64 {
+        let Some(reader) = self.reader.as_mut() else {
+            return self.line;
+        };
+        while self.byte < target {
+            let Ok(buffer) = reader.fill_buf() else { break };
+            if buffer.is_empty() {
+                break;
+            }
+            let take = buffer.len().min((target - self.byte) as usize);
+            self.line += buffer[..take].iter().filter(|&&b| b == b'\n').count() as u64;
+            self.byte += take as u64;
+            reader.consume(take);
+        }
+        self.line
+    }
+
+    /// The line of the first character at or after `target` that is not a line break: a
+    /// record's position includes the blank lines the reader skipped before it.
+    fn first_content_line(&mut self, target: u64) -> u64 {
+        self.line_at(target);
+        let Some(reader) = self.reader.as_mut() else {
+            return self.line;
+        };
+        loop {
+            let Ok(buffer) = reader.fill_buf() else { break };
+            match buffer.first() {
+                Some(b'\n') => self.line += 1,
+                Some(b'\r') => {}
+                _ => break,
+            }
+            reader.consume(1);
+            self.byte += 1;
+        }
+        self.line
+    }
 }
 
 fn csv_cause(e: &csv::Error) -> String {
