@@ -219,8 +219,7 @@ impl LineCounter {
         let Some(reader) = self.reader.as_mut() else {
             return self.line;
         };
-        loop {
-            let Ok(buffer) = reader.fill_buf() else { break };
+        while let Ok(buffer) = reader.fill_buf() {
             match buffer.first() {
                 Some(b'\n') => self.line += 1,
                 Some(b'\r') => {}
