@@ -148,9 +148,14 @@ def minilm_fixtures(folder: Path, out: Path) -> None:
                 "classifier.bias": classifier.classifier.bias.detach().clone(),
             }
             save_file(head, out / f"classifier-{num_labels}.safetensors")
+            # As save_pretrained would record it.
+            classifier.config.architectures = ["BertForSequenceClassification"]
             classifier.config.to_json_file(out / f"classifier-{num_labels}.config.json")
             tensors[f"classifier{num_labels}.logits"] = classifier(**pair_inputs).logits
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, out / "outputs.safetensors")
+    (out / "texts.json").write_text(
+        json.dumps({"single": SINGLE_TEXTS, "pair": [list(p) for p in PAIRS]}, ensure_ascii=False, indent=1) + "\n"
+    )
 
 
 def tiny_config(**overrides) -> BertConfig:

@@ -56,3 +56,8 @@ pub use pipeline::{
 };
 pub use source::ModelSource;
 pub use tokenize::{BertTokenizer, Encoded, TokenizeOptions, Truncation};
+
+/// The README's Rust examples, compiled as doctests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -204,31 +204,47 @@ fn score(args: ScoreArgs) -> Result<()> {
     };
     let bar = progress(None, "scoring");
     let mut rows = read_pairs(path, format)?;
+    let mut chunk = Vec::with_capacity(args.chunk as usize);
     loop {
-        let chunk: Vec<_> = rows
-            .by_ref()
-            .take(args.chunk as usize)
-            .collect::<Result<_>>()?;
-        if chunk.is_empty() {
+        // A bad row ends the run, but only after every good row before it is scored and written.
+        let mut failure = None;
+        while chunk.len() < args.chunk as usize {
+            match rows.next() {
+                Some(Ok(row)) => chunk.push(row),
+                Some(Err(e)) => {
+                    failure = Some(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !chunk.is_empty() {
+            let pairs: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|r| (r.text_a.as_str(), r.text_b.as_str()))
+                .collect();
+            let scores = scorer.score(&pairs).with_context(|| {
+                format!(
+                    "{}:{}-{}",
+                    path.display(),
+                    chunk[0].line,
+                    chunk[chunk.len() - 1].line
+                )
+            })?;
+            for (row, score) in chunk.iter().zip(scores) {
+                writeln!(out, "{}", json!({"line": row.line, "score": score}))?;
+            }
+            out.flush()?;
+            bar.inc(chunk.len() as u64);
+        }
+        if let Some(e) = failure {
+            bar.finish_and_clear();
+            return Err(e);
+        }
+        if chunk.len() < args.chunk as usize {
             break;
         }
-        let pairs: Vec<(&str, &str)> = chunk
-            .iter()
-            .map(|r| (r.text_a.as_str(), r.text_b.as_str()))
-            .collect();
-        let scores = scorer.score(&pairs).with_context(|| {
-            format!(
-                "{}:{}-{}",
-                path.display(),
-                chunk[0].line,
-                chunk[chunk.len() - 1].line
-            )
-        })?;
-        for (row, score) in chunk.iter().zip(scores) {
-            writeln!(out, "{}", json!({"line": row.line, "score": score}))?;
-        }
-        out.flush()?;
-        bar.inc(chunk.len() as u64);
+        chunk.clear();
     }
     bar.finish_and_clear();
     Ok(())
