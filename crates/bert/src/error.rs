@@ -71,6 +71,10 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    /// An option value is not one of the accepted ones.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+
     /// Text could not be tokenized, or does not fit the model.
     #[error("tokenization: {0}")]
     Tokenize(String),

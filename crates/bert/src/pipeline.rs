@@ -49,10 +49,9 @@ impl std::str::FromStr for ScoreMode {
         match s.trim().to_ascii_lowercase().as_str() {
             "cross" | "cross-encoder" => Ok(Self::CrossEncoder),
             "bi" | "bi-encoder" => Ok(Self::BiEncoder),
-            other => Err(Error::UnknownModel {
-                spec: other.into(),
-                reason: "score mode must be cross or bi".into(),
-            }),
+            other => Err(Error::InvalidOption(format!(
+                "score mode {other:?}; expected cross or bi"
+            ))),
         }
     }
 }
@@ -74,10 +73,9 @@ impl std::str::FromStr for Pooling {
         match s.trim().to_ascii_lowercase().as_str() {
             "mean" => Ok(Self::Mean),
             "cls" => Ok(Self::Cls),
-            other => Err(Error::UnknownModel {
-                spec: other.into(),
-                reason: "pooling must be mean or cls".into(),
-            }),
+            other => Err(Error::InvalidOption(format!(
+                "pooling {other:?}; expected mean or cls"
+            ))),
         }
     }
 }
@@ -198,8 +196,8 @@ impl Embedder {
 
     /// Loads from local files.
     pub fn from_files(files: &ModelFiles, options: &PipelineOptions) -> Result<Self> {
-        let runner_probe = files.read_config()?;
-        let runner = Runner::new(files, runner_probe.max_position_embeddings, options)?;
+        let config = files.read_config()?;
+        let runner = Runner::new(files, config.max_position_embeddings, options)?;
         let model = load::<BertModel>(files, options.dtype, &runner.device)?.model;
         Ok(Self {
             model,
@@ -399,6 +397,14 @@ impl PairScorer {
         match &self.scorer {
             Scorer::Cross { runner, .. } => &runner.tokenizer,
             Scorer::Bi(embedder) => embedder.tokenizer(),
+        }
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        match &self.scorer {
+            Scorer::Cross { runner, .. } => &runner.device,
+            Scorer::Bi(embedder) => embedder.device(),
         }
     }
 

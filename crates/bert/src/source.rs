@@ -177,8 +177,15 @@ fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     };
     let config = get("config.json")?;
     let mut found_weights = false;
+    let mut last_error = None;
     for file in HUB_WEIGHT_FILES {
-        let Ok(path) = get(file) else { continue };
+        let path = match get(file) {
+            Ok(path) => path,
+            Err(e) => {
+                last_error = Some(e.to_string());
+                continue;
+            }
+        };
         if file.ends_with(".index.json") {
             let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             let index: serde_json::Value = serde_json::from_str(&text)
@@ -201,7 +208,11 @@ fn fetch_from_hub(repo_id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     if !found_weights {
         return Err(Error::fetch(
             &what,
-            format!("the repository has none of {}", HUB_WEIGHT_FILES.join(", ")),
+            format!(
+                "none of {} could be fetched (last error: {})",
+                HUB_WEIGHT_FILES.join(", "),
+                last_error.unwrap_or_default()
+            ),
         ));
     }
     // Optional; a model without a tokenizer still loads.
@@ -276,16 +287,35 @@ pub fn fetch_manifest(manifest: &Manifest, cache_root: &Path) -> Result<PathBuf>
             )?;
         }
         write_marker(&unpacked, manifest)?;
-        if target.exists() {
-            fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-        }
-        fs::create_dir_all(target.parent().unwrap_or(cache_root))
-            .map_err(|e| Error::io(&target, e))?;
-        fs::rename(&unpacked, &target).map_err(|e| Error::io(&target, e))
+        publish(&unpacked, &target, manifest)
     })();
     let _ = fs::remove_dir_all(&staging);
     result?;
     Ok(model_dir)
+}
+
+/// Moves a verified unpack into place. Another process may have published the same model
+/// meanwhile: a verified copy already there wins, and a damaged one is moved aside (not deleted
+/// in place, so nothing reads a half-removed directory) before ours takes its name.
+fn publish(unpacked: &Path, target: &Path, manifest: &Manifest) -> Result<()> {
+    if is_verified(target, manifest) {
+        return Ok(());
+    }
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    if target.exists() {
+        let name = target.file_name().unwrap_or_default().to_string_lossy();
+        let aside = target.with_file_name(format!(".{name}.damaged-{}", std::process::id()));
+        fs::rename(target, &aside).map_err(|e| Error::io(target, e))?;
+        let _ = fs::remove_dir_all(&aside);
+    }
+    match fs::rename(unpacked, target) {
+        Ok(()) => Ok(()),
+        // Lost a race to another process that published a good copy first.
+        Err(_) if is_verified(target, manifest) => Ok(()),
+        Err(e) => Err(Error::io(target, e)),
+    }
 }
 
 /// Whether `target` holds a completed unpack of exactly these pinned files: the marker names

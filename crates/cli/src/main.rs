@@ -161,7 +161,7 @@ fn load_scorer(model: &ModelArgs, mode: &str) -> Result<PairScorer> {
         "model: {} | mode: {} | device: {}",
         model.model,
         scorer.mode().describe(),
-        device_name(&options.device.open()?)
+        device_name(scorer.device())
     );
     Ok(scorer)
 }
