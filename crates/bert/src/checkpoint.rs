@@ -220,6 +220,18 @@ impl Checkpoint {
             .find(|c| self.entries.contains_key(c))
     }
 
+    /// Reads a stored tensor (by its stored name, see [`Checkpoint::resolve`]) as `dtype` on
+    /// `device`.
+    pub fn load(&self, stored: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        if !self.entries.contains_key(stored) {
+            return Err(Error::checkpoint(
+                &self.origin,
+                format!("no tensor {stored}"),
+            ));
+        }
+        Ok(self.load_raw(stored, device)?.to_dtype(dtype)?)
+    }
+
     fn load_raw(&self, stored: &str, device: &Device) -> candle_core::Result<Tensor> {
         let entry = &self.entries[stored];
         match &self.stores[entry.store] {

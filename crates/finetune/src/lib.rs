@@ -1,0 +1,14 @@
+//! Fine-tuning BERT pair classifiers (cross-encoders): trainable models built from checkpoints,
+//! stable losses, AdamW with the usual weight-decay groups, the linear warm-up schedule,
+//! gradient clipping and accumulation, labelled-pair data, evaluation metrics, and checkpoints
+//! in transformers' layout.
+
+pub mod error;
+pub mod loss;
+pub mod optim;
+pub mod trainable;
+
+pub use error::{Error, Result};
+pub use loss::Loss;
+pub use optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
+pub use trainable::{load_trainable, Param, Trainable, TrainableClassifier};
