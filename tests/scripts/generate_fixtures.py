@@ -257,6 +257,28 @@ def tiny_fixtures(index: int, name: str, cls, overrides: dict, save_options: dic
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, out / "outputs.safetensors")
 
 
+def gradient_fixture() -> None:
+    """Every parameter's gradient of the mean BCE-with-logits loss of the tiny cross-encoder on
+    a fixed batch, dropout off (eval mode), for the harness's gradient check."""
+    out = FIXTURES / "tiny-cross-encoder"
+    model = BertForSequenceClassification.from_pretrained(out, attn_implementation="eager").eval()
+    batch = {k: v for k, v in load_outputs(out).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    labels = torch.tensor([0.2, 0.9, 0.5])
+    logits = model(**batch).logits.squeeze(-1)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    loss.backward()
+    tensors = {f"grad.{name}": p.grad.detach().clone() for name, p in model.named_parameters()}
+    tensors["labels"] = labels
+    tensors["loss"] = loss.detach().reshape(1)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "gradients.safetensors")
+
+
+def load_outputs(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "outputs.safetensors")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "bert-fixture-cache")
@@ -270,6 +292,7 @@ def main() -> None:
     minilm_fixtures(fetch_minilm(args.cache), FIXTURES / "minilm")
     for index, (name, cls, overrides, save_options) in enumerate(TINY_MODELS):
         tiny_fixtures(index, name, cls, overrides, save_options)
+    gradient_fixture()
     # The tiny directories were just rewritten: put their tokenizers back.
     import generate_tokenizer_fixtures
 

@@ -1,0 +1,61 @@
+//! Gradient check: every parameter's gradient of the BCE loss on a fixed batch, dropout off,
+//! against PyTorch's (tests/fixtures/tiny-cross-encoder/gradients.safetensors, written by
+//! tests/scripts/generate_fixtures.py), within 1e-4 relative to the tensor's largest gradient.
+//! An absolute 1e-9 more is allowed for gradients that are zero in exact arithmetic (the key
+//! bias: softmax ignores a score shift shared by all keys), where both sides hold only roundoff.
+
+use bert::{BertInputs, DType, Device, ForwardOptions, ModelFiles};
+use bert_finetune::{load_trainable, Loss, Trainable};
+use bert_tests::{fixture, max_abs_diff, outputs};
+use candle_core::safetensors::load;
+
+#[test]
+fn every_gradient_matches_pytorch() {
+    let files = ModelFiles::from_dir(fixture("tiny-cross-encoder")).unwrap();
+    let config = files.read_config().unwrap();
+    let trainable =
+        load_trainable(&files, &config, Trainable::All, DType::F32, &Device::Cpu, 0).unwrap();
+    assert!(trainable.params.iter().all(|p| !p.fresh && p.var.is_some()));
+
+    let batch = outputs("tiny-cross-encoder");
+    let reference = load(
+        fixture("tiny-cross-encoder").join("gradients.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let inputs = BertInputs::new(&batch["input_ids"])
+        .with_attention_mask(&batch["attention_mask"])
+        .with_token_type_ids(&batch["token_type_ids"]);
+    let logits = trainable
+        .model
+        .forward(&inputs, &ForwardOptions::inference())
+        .unwrap()
+        .logits;
+    let loss = Loss::for_config(&config)
+        .compute(&logits, &reference["labels"])
+        .unwrap();
+    let expected_loss = reference["loss"].to_vec1::<f32>().unwrap()[0];
+    assert!((loss.to_scalar::<f32>().unwrap() - expected_loss).abs() < 1e-6);
+
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    for param in &trainable.params {
+        let expected = &reference[&format!("grad.{}", param.name)];
+        let ours = grads
+            .get(param.var.as_ref().unwrap().as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {}", param.name));
+        let scale = max_abs_diff(expected, &expected.zeros_like().unwrap()).max(1e-12);
+        let diff = max_abs_diff(ours, expected);
+        assert!(
+            diff <= 1e-4 * scale + 1e-9,
+            "{}: max abs diff {diff:e} (max |grad| {scale:e})",
+            param.name
+        );
+        checked += 1;
+    }
+    let expected_count = reference.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(
+        checked, expected_count,
+        "every PyTorch parameter has a counterpart"
+    );
+}
