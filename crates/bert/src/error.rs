@@ -10,12 +10,12 @@ pub enum Error {
     Model(#[from] bert_embeddings::Error),
 
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file or directory involved.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (shown in the message, not chained, so it prints once).
+        cause: std::io::Error,
     },
 
     /// A checkpoint directory or file set is incomplete or malformed.
@@ -71,6 +71,17 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    /// A row of a data file is unusable.
+    #[error("{path}:{line}: {reason}")]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: u64,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// An option value is not one of the accepted ones.
     #[error("invalid option: {0}")]
     InvalidOption(String),
@@ -88,7 +99,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -27,6 +27,7 @@ pub mod device;
 pub mod error;
 pub mod load;
 pub mod manifest;
+pub mod pairs;
 pub mod pipeline;
 pub mod source;
 pub mod tokenize;
@@ -51,6 +52,7 @@ pub use device::{parse_dtype, DeviceSpec};
 pub use error::{Error, Result};
 pub use load::{load, Architecture, Loaded, ModelFiles};
 pub use manifest::{Manifest, ManifestSource, DEFAULT_MODEL};
+pub use pairs::{read_pair_records, PairFormat, PairRecord};
 pub use pipeline::{
     cosine_similarity, Embedder, PairScorer, PipelineOptions, Pooling, Ranked, ScoreMode,
 };

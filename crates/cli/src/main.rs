@@ -198,12 +198,8 @@ fn score(args: ScoreArgs) -> Result<()> {
         writeln!(out, "{score:.6}")?;
         return Ok(out.flush()?);
     };
-    let format = match args.format {
-        Some(format) => format,
-        None => Format::from_path(path)?,
-    };
     let bar = progress(None, "scoring");
-    let mut rows = read_pairs(path, format)?;
+    let mut rows = read_pairs(path, args.format)?;
     let mut chunk = Vec::with_capacity(args.chunk as usize);
     loop {
         // A bad row ends the run, but only after every good row before it is scored and written.
