@@ -3,11 +3,14 @@
 //! gradient clipping and accumulation, labelled-pair data, evaluation metrics, and checkpoints
 //! in transformers' layout.
 
+pub mod data;
 pub mod error;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod trainable;
 
+pub use data::{epoch_batches, read_dataset, BadRows, Dataset, LabeledPair};
 pub use error::{Error, Result};
 pub use loss::Loss;
 pub use optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
