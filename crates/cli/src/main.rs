@@ -15,6 +15,10 @@ use bert::{
     device::device_name, parse_dtype, DeviceSpec, Embedder, ModelSource, PairScorer,
     PipelineOptions, Pooling, ScoreMode, Truncation,
 };
+use bert::{BertTokenizer, DType, TokenizeOptions};
+use bert_finetune::{
+    evaluate, read_dataset, train, BadRows, Dataset, Loss, TrainConfig, Trainable,
+};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -40,6 +44,202 @@ enum Command {
     Rank(RankArgs),
     /// Embed texts; writes one JSON line per text with its vector.
     Embed(EmbedArgs),
+    /// Fine-tune a pair classifier (cross-encoder) on labelled pairs.
+    Finetune(FinetuneArgs),
+    /// Evaluate a pair classifier on labelled pairs; prints the metrics as JSON.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    /// Training pairs: TSV, CSV or JSONL with text_a, text_b, label.
+    #[arg(long)]
+    train: PathBuf,
+    /// Evaluation pairs (same formats); evaluated every epoch (or --eval-steps) and at the end.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Base model: a shipped name, a directory, a manifest.json, or hf:ORG/NAME[@REV].
+    #[arg(long, default_value = bert::DEFAULT_MODEL)]
+    model: String,
+    /// Output directory: the final model, best/ and last/ checkpoints, metrics.jsonl, training_curve.svg.
+    #[arg(long)]
+    out: PathBuf,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f64,
+    /// Pairs per batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Fraction of steps spent warming up.
+    #[arg(long, default_value_t = 0.1)]
+    warmup_ratio: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Evaluate and checkpoint every N steps (default: every epoch).
+    #[arg(long)]
+    eval_steps: Option<u64>,
+    /// Seed of shuffling, dropout and head initialisation.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Outputs of the head (1: a pair probability trained with BCE).
+    #[arg(long, default_value_t = 1)]
+    num_labels: usize,
+    /// Train only the pooler and classifier.
+    #[arg(long)]
+    freeze_encoder: bool,
+    /// Continue from OUT/last exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// skip or fail on unusable rows.
+    #[arg(long, default_value = "fail")]
+    bad_rows: String,
+    /// Token limit per pair (default: the model's positions).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A fine-tuned pair classifier (a directory, or any model source).
+    #[arg(long)]
+    model: String,
+    /// Labelled pairs: TSV, CSV or JSONL with text_a, text_b, label.
+    #[arg(long)]
+    data: PathBuf,
+    /// skip or fail on unusable rows.
+    #[arg(long, default_value = "fail")]
+    bad_rows: String,
+    /// Token limit per pair (default: the model's positions).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn bad_rows(policy: &str) -> Result<BadRows> {
+    match policy {
+        "fail" => Ok(BadRows::Fail),
+        "skip" => Ok(BadRows::Skip),
+        other => anyhow::bail!("--bad-rows {other:?}: expected skip or fail"),
+    }
+}
+
+fn read_labelled(
+    path: &std::path::Path,
+    loss: Loss,
+    num_labels: usize,
+    policy: BadRows,
+) -> Result<Dataset> {
+    let data = read_dataset(path, None, loss, num_labels, policy)?;
+    for skipped in &data.skipped {
+        eprintln!("skipped {skipped}");
+    }
+    Ok(data)
+}
+
+fn finetune(args: FinetuneArgs) -> Result<()> {
+    let device = args.device.parse::<DeviceSpec>()?.open()?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let base = args
+        .model
+        .parse::<ModelSource>()?
+        .fetch()
+        .with_context(|| format!("cannot load model {}", args.model))?;
+    let mut config = base.read_config()?;
+    config.num_labels = args.num_labels;
+    config.problem_type = None;
+    let loss = Loss::for_config(&config);
+    let policy = bad_rows(&args.bad_rows)?;
+    let train_data = read_labelled(&args.train, loss, args.num_labels, policy)?;
+    let eval_data = args
+        .eval
+        .as_deref()
+        .map(|p| read_labelled(p, loss, args.num_labels, policy))
+        .transpose()?;
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        warmup_ratio: args.warmup_ratio,
+        weight_decay: args.weight_decay,
+        seed: args.seed,
+        eval_steps: args.eval_steps,
+        max_length: args.max_length,
+        trainable: if args.freeze_encoder {
+            Trainable::HeadOnly
+        } else {
+            Trainable::All
+        },
+        num_labels: args.num_labels,
+        dtype,
+        resume: args.resume,
+        ..TrainConfig::default()
+    };
+    eprintln!(
+        "fine-tuning {} on {} pairs ({} eval) | loss {loss:?} | device {}",
+        args.model,
+        train_data.pairs.len(),
+        eval_data.as_ref().map_or(0, |d| d.pairs.len()),
+        device_name(&device)
+    );
+    let summary = train(
+        &base,
+        &train_data,
+        eval_data.as_ref(),
+        &args.out,
+        &cfg,
+        &device,
+    )?;
+    let report = json!({
+        "steps": summary.steps,
+        "pairs_per_s": summary.pairs_per_second,
+        "best": summary.best.map(|(score, step)| json!({"score": score, "step": step})),
+        "final": summary.final_metrics,
+        "model": summary.model_dir,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let device = args.device.parse::<DeviceSpec>()?.open()?;
+    let files = args.model.parse::<ModelSource>()?.fetch()?;
+    let config = files.read_config()?;
+    let data = read_labelled(
+        &args.data,
+        Loss::for_config(&config),
+        config.num_labels,
+        bad_rows(&args.bad_rows)?,
+    )?;
+    let model =
+        bert::load::<bert::BertForSequenceClassification>(&files, DType::F32, &device)?.model;
+    let path = files
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json", files.dir.display()))?;
+    let max_length = args.max_length.unwrap_or(config.max_position_embeddings);
+    let tokenizer = BertTokenizer::from_file(path, TokenizeOptions::new(max_length))?;
+    let metrics = evaluate(&model, &tokenizer, &data.pairs, &device)?;
+    println!(
+        "{}",
+        json!({"pairs": data.pairs.len(), "skipped": data.skipped.len(), "metrics": metrics})
+    );
+    Ok(())
 }
 
 /// Which model, where, and how text is fitted to it.
@@ -300,6 +500,8 @@ fn main() -> ExitCode {
         Command::Score(args) => score(args),
         Command::Rank(args) => rank(args),
         Command::Embed(args) => embed(args),
+        Command::Finetune(args) => finetune(args),
+        Command::Eval(args) => eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,15 +3,19 @@
 //! gradient clipping and accumulation, labelled-pair data, evaluation metrics, and checkpoints
 //! in transformers' layout.
 
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod trainable;
+pub mod trainer;
 
 pub use data::{epoch_batches, read_dataset, BadRows, Dataset, LabeledPair};
 pub use error::{Error, Result};
 pub use loss::Loss;
 pub use optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
 pub use trainable::{load_trainable, Param, Trainable, TrainableClassifier};
+pub use trainer::{evaluate, predict, train, EvalMetrics, TrainConfig, TrainSummary};

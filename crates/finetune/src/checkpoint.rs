@@ -1,0 +1,147 @@
+//! Checkpoints in transformers' layout (`config.json`, `model.safetensors`, tokenizer files), plus
+//! the training state that makes `--resume` continue exactly (optimizer moments, step, epoch,
+//! position in the epoch, best metric). Every checkpoint directory is written beside its final
+//! place, flushed to disk, and renamed into place, so a crash leaves either the old or the new
+//! checkpoint, never half of one.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bert::{Config, ModelFiles};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::trainable::{save_weights, sync_file};
+
+/// Tokenizer and vocabulary files copied from the base model, when it has them.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+];
+
+/// Where a run stands, saved with every `last` checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The epoch the next batch belongs to.
+    pub epoch: u64,
+    /// Index of the next batch within that epoch.
+    pub next_batch: usize,
+    /// The run's seed.
+    pub seed: u64,
+    /// Best evaluation score so far (the primary metric), if any.
+    pub best_score: Option<f64>,
+    /// The step that reached it.
+    pub best_step: Option<u64>,
+}
+
+/// Writes an HF `BertForSequenceClassification` checkpoint to `dir` (replacing it atomically),
+/// with the training state when given (`trainer_state.json`, `optimizer.safetensors`).
+pub fn write_model(
+    dir: &Path,
+    config: &Config,
+    tensors: &HashMap<String, Tensor>,
+    base: &ModelFiles,
+    state: Option<(&TrainingState, &HashMap<String, Tensor>)>,
+) -> Result<()> {
+    let staging = staging_dir(dir)?;
+    let mut config = config.clone();
+    config.architectures = vec!["BertForSequenceClassification".into()];
+    write_synced(
+        &staging.join("config.json"),
+        config.to_json_string().as_bytes(),
+    )?;
+    save_weights(tensors, &staging)?;
+    for name in TOKENIZER_FILES {
+        let source = base.dir.join(name);
+        if source.is_file() {
+            let bytes = fs::read(&source).map_err(|e| Error::io(&source, e))?;
+            write_synced(&staging.join(name), &bytes)?;
+        }
+    }
+    if let Some((state, optimizer)) = state {
+        let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Setting(e.to_string()))?;
+        write_synced(&staging.join("trainer_state.json"), &json)?;
+        let path = staging.join("optimizer.safetensors");
+        let contiguous: HashMap<String, Tensor> = optimizer
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
+            .collect::<candle_core::Result<_>>()?;
+        candle_core::safetensors::save(&contiguous, &path)?;
+        sync_file(&path)?;
+    }
+    replace_dir(&staging, dir)
+}
+
+/// Reads the training state of a `last` checkpoint.
+pub fn read_state(dir: &Path, device: &Device) -> Result<(TrainingState, HashMap<String, Tensor>)> {
+    let path = dir.join("trainer_state.json");
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let state = serde_json::from_str(&text)
+        .map_err(|e| Error::Setting(format!("{}: {e}", path.display())))?;
+    let optimizer = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
+    Ok((state, optimizer))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
+    sync_file(path)
+}
+
+fn staging_dir(dir: &Path) -> Result<PathBuf> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    Ok(staging)
+}
+
+/// Puts `staging` at `dir`: the old `dir` is moved to `dir.previous` first, then removed once
+/// the new one is in place.
+fn replace_dir(staging: &Path, dir: &Path) -> Result<()> {
+    let previous = previous_of(dir);
+    if dir.exists() {
+        if previous.exists() {
+            fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
+        }
+        fs::rename(dir, &previous).map_err(|e| Error::io(dir, e))?;
+    }
+    fs::rename(staging, dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(parent) = dir.parent() {
+        // Make the renames durable.
+        let _ = fs::File::open(parent).and_then(|d| d.sync_all());
+    }
+    if previous.exists() {
+        fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
+    }
+    Ok(())
+}
+
+/// `dir` + `.previous`: where the replaced checkpoint waits until the new one is in place.
+pub fn previous_of(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.with_file_name(format!("{name}.previous"))
+}
+
+/// The checkpoint to resume from: `dir`, or the previous one when a crash came between the two
+/// renames of [`replace_dir`].
+pub fn resumable(dir: &Path) -> Option<PathBuf> {
+    [dir.to_path_buf(), previous_of(dir)]
+        .into_iter()
+        .find(|d| d.join("trainer_state.json").is_file() && d.join("model.safetensors").is_file())
+}
