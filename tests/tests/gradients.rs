@@ -59,3 +59,59 @@ fn every_gradient_matches_pytorch() {
         "every PyTorch parameter has a counterpart"
     );
 }
+
+/// With the encoder frozen, only the pooler and classifier are variables: a training step moves
+/// them and leaves every encoder weight bit-identical.
+#[test]
+fn frozen_encoder_stays_frozen() {
+    use bert_finetune::{AdamW, AdamWConfig};
+    let files = ModelFiles::from_dir(fixture("tiny-cross-encoder")).unwrap();
+    let config = files.read_config().unwrap();
+    let trainable = load_trainable(
+        &files,
+        &config,
+        Trainable::HeadOnly,
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    for p in &trainable.params {
+        let head = p.name.starts_with("classifier.") || p.name.contains("pooler.");
+        assert_eq!(p.var.is_some(), head, "{}", p.name);
+    }
+    // Deep copies: a variable's tensor shares storage with it and would move along.
+    let before: std::collections::HashMap<_, _> = trainable
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.copy().unwrap()))
+        .collect();
+    let batch = outputs("tiny-cross-encoder");
+    let inputs = BertInputs::new(&batch["input_ids"]).with_attention_mask(&batch["attention_mask"]);
+    let logits = trainable
+        .model
+        .forward(&inputs, &ForwardOptions::training())
+        .unwrap()
+        .logits;
+    let labels = candle_core::Tensor::new(&[1f32, 0.0, 1.0], &Device::Cpu).unwrap();
+    let grads = Loss::BceWithLogits
+        .compute(&logits, &labels)
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut optimizer = AdamW::new(
+        &trainable.params,
+        AdamWConfig {
+            lr: 1e-2,
+            ..AdamWConfig::default()
+        },
+    )
+    .unwrap();
+    optimizer.step(&grads, 1e-2).unwrap();
+    let after = trainable.tensors();
+    for (name, tensor) in &before {
+        let moved = max_abs_diff(tensor, &after[name]) > 0.0;
+        let head = name.starts_with("classifier.") || name.contains("pooler.");
+        assert_eq!(moved, head, "{name} moved: {moved}");
+    }
+}

@@ -147,6 +147,13 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
         "resumed final metrics differ"
     );
     assert_eq!(resumed["best"], expected["best"]);
+    // Nothing half-written is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&killed)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') || n.ends_with(".previous"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     // The logs agree line for line too (throughput aside).
     let strip = |path: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)

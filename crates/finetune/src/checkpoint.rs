@@ -129,6 +129,20 @@ fn replace_dir(staging: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes staging directories a killed run left in `out` (`.NAME.staging-PID`).
+pub fn remove_stale_staging(out: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(out) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".staging-") && entry.path().is_dir() {
+            fs::remove_dir_all(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// `dir` + `.previous`: where the replaced checkpoint waits until the new one is in place.
 pub fn previous_of(dir: &Path) -> PathBuf {
     let name = dir

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::checkpoint::{read_state, resumable, write_model, TrainingState};
+use crate::checkpoint::{read_state, remove_stale_staging, resumable, write_model, TrainingState};
 use crate::data::{epoch_batches, Dataset, LabeledPair};
 use crate::error::{Error, Result};
 use crate::loss::Loss;
@@ -215,6 +215,7 @@ pub fn train(
     }
     let (dtype, resume) = (cfg.dtype, cfg.resume);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    remove_stale_staging(out)?;
     let last_dir = out.join("last");
     let best_dir = out.join("best");
 
