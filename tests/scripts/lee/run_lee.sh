@@ -28,7 +28,7 @@ $bert eval --model "$out/ours" --data "$out/data/test.tsv" --max-length "$max_le
   --epochs "$epochs" --batch-size "$batch" --lr "$lr" --seed "$seed" --max-length "$max_length" --threads 2 > "$out/pytorch.json"
 
 $bert score --mode bi --device cpu --max-length "$max_length" --input "$out/data/test.tsv" > "$out/bi_scores.jsonl"
-python3 - "$out" <<'PY'
+python3 - "$out" > "$out/bi_encoder.json" <<'PY'
 import csv, json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
