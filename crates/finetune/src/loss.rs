@@ -36,8 +36,10 @@ impl Loss {
     /// one-label BCE and MSE, `[batch]` class indices (as floats) for cross-entropy,
     /// `[batch, num_labels]` for multi-label BCE.
     pub fn compute(self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = logits.to_dtype(DType::F32)?;
-        let targets = targets.to_dtype(DType::F32)?;
+        // f32 for half-precision logits; f32 and f64 stay as they are.
+        let dtype = bert::bert_embeddings::nn::compute_dtype(logits.dtype());
+        let logits = logits.to_dtype(dtype)?;
+        let targets = targets.to_dtype(dtype)?;
         let (_, labels) = logits.dims2()?;
         match self {
             Self::BceWithLogits | Self::Mse => {
