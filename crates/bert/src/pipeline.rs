@@ -153,9 +153,7 @@ impl Runner {
         for batch in length_buckets(&lengths, self.max_tokens_per_batch) {
             let items: Vec<&Encoded> = batch.iter().map(|&i| &encoded[i]).collect();
             let padded = pad_batch(&items, self.tokenizer.pad_id(), &self.device)?;
-            let inputs = BertInputs::new(&padded.input_ids)
-                .with_attention_mask(&padded.attention_mask)
-                .with_token_type_ids(&padded.token_type_ids);
+            let inputs = padded.inputs();
             for (i, row) in batch.iter().zip(forward(&inputs)?) {
                 results[*i] = Some(row);
             }

@@ -233,6 +233,24 @@ pub struct PaddedBatch {
     pub token_type_ids: Tensor,
 }
 
+impl PaddedBatch {
+    /// The batch as model inputs.
+    pub fn inputs(&self) -> bert_heads::BertInputs<'_> {
+        bert_heads::BertInputs::new(&self.input_ids)
+            .with_attention_mask(&self.attention_mask)
+            .with_token_type_ids(&self.token_type_ids)
+    }
+}
+
+impl BertTokenizer {
+    /// Tokenizes `pairs` and pads them into one batch on `device`.
+    pub fn pair_batch(&self, pairs: &[(&str, &str)], device: &Device) -> Result<PaddedBatch> {
+        let encoded = self.encode_pairs(pairs)?;
+        let refs: Vec<&Encoded> = encoded.iter().collect();
+        pad_batch(&refs, self.pad_id, device)
+    }
+}
+
 /// Pads `items` to the longest of them (dynamic padding) on `device`.
 pub fn pad_batch(items: &[&Encoded], pad_id: u32, device: &Device) -> Result<PaddedBatch> {
     let seq = items.iter().map(|e| e.len()).max().unwrap_or(0);

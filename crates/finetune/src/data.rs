@@ -21,6 +21,13 @@ pub struct LabeledPair {
     pub label: f32,
 }
 
+impl LabeledPair {
+    /// The two texts.
+    pub fn texts(&self) -> (&str, &str) {
+        (&self.text_a, &self.text_b)
+    }
+}
+
 /// What to do with a row that cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BadRows {

@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bert::bert_embeddings::nn::seed_dropout;
-use bert::tokenize::pad_batch;
 use bert::{
-    BertInputs, BertTokenizer, Config, DType, Device, ForwardOptions, ModelFiles, TokenizeOptions,
-    Truncation,
+    BertTokenizer, Config, DType, Device, ForwardOptions, ModelFiles, TokenizeOptions, Truncation,
 };
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
@@ -140,17 +138,12 @@ pub fn predict(
 ) -> Result<Vec<f64>> {
     let mut scores = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(32) {
-        let texts: Vec<(&str, &str)> = chunk
-            .iter()
-            .map(|p| (p.text_a.as_str(), p.text_b.as_str()))
-            .collect();
-        let encoded = tokenizer.encode_pairs(&texts)?;
-        let refs: Vec<_> = encoded.iter().collect();
-        let batch = pad_batch(&refs, tokenizer.pad_id(), device)?;
-        let inputs = BertInputs::new(&batch.input_ids)
-            .with_attention_mask(&batch.attention_mask)
-            .with_token_type_ids(&batch.token_type_ids);
-        let probs = model.probabilities(&inputs)?.to_dtype(DType::F32)?.detach();
+        let texts: Vec<(&str, &str)> = chunk.iter().map(LabeledPair::texts).collect();
+        let batch = tokenizer.pair_batch(&texts, device)?;
+        let probs = model
+            .probabilities(&batch.inputs())?
+            .to_dtype(DType::F32)?
+            .detach();
         // One label: the probability; several: the probability of the last class.
         let last = probs.dim(1)? - 1;
         scores.extend(
@@ -489,19 +482,11 @@ fn batch_loss(
     loss: Loss,
     device: &Device,
 ) -> Result<Tensor> {
-    let texts: Vec<(&str, &str)> = pairs
-        .iter()
-        .map(|p| (p.text_a.as_str(), p.text_b.as_str()))
-        .collect();
-    let encoded = tokenizer.encode_pairs(&texts)?;
-    let refs: Vec<_> = encoded.iter().collect();
-    let batch = pad_batch(&refs, tokenizer.pad_id(), device)?;
-    let inputs = BertInputs::new(&batch.input_ids)
-        .with_attention_mask(&batch.attention_mask)
-        .with_token_type_ids(&batch.token_type_ids);
+    let texts: Vec<(&str, &str)> = pairs.iter().map(|p| p.texts()).collect();
+    let batch = tokenizer.pair_batch(&texts, device)?;
     let logits = model
         .model
-        .forward(&inputs, &ForwardOptions::training())?
+        .forward(&batch.inputs(), &ForwardOptions::training())?
         .logits;
     let labels = Tensor::new(pairs.iter().map(|p| p.label).collect::<Vec<f32>>(), device)?;
     loss.compute(&logits, &labels)
