@@ -153,7 +153,7 @@ pub fn previous_of(dir: &Path) -> PathBuf {
 }
 
 /// The checkpoint to resume from: `dir`, or the previous one when a crash came between the two
-/// renames of [`replace_dir`].
+/// renames that replace a checkpoint.
 pub fn resumable(dir: &Path) -> Option<PathBuf> {
     [dir.to_path_buf(), previous_of(dir)]
         .into_iter()
