@@ -15,7 +15,7 @@ pub fn write_curve(metrics: &Path, svg: &Path) -> Result<()> {
     let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
     let mut loss = Vec::new();
     let mut eval = Vec::new();
-    let mut eval_name = "eval";
+    let mut eval_name = "metric";
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
