@@ -17,7 +17,7 @@ use bert::{
 };
 use bert::{BertTokenizer, DType, TokenizeOptions};
 use bert_finetune::{
-    evaluate, read_dataset, train, BadRows, Dataset, Loss, TrainConfig, Trainable,
+    evaluate, head_config, read_dataset, train, BadRows, Dataset, Loss, TrainConfig, Trainable,
 };
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -159,10 +159,8 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         .parse::<ModelSource>()?
         .fetch()
         .with_context(|| format!("cannot load model {}", args.model))?;
-    let mut config = base.read_config()?;
-    config.num_labels = args.num_labels;
-    config.problem_type = None;
-    let loss = Loss::for_config(&config);
+    // The loss the trainer will use decides which labels are valid.
+    let loss = Loss::for_config(&head_config(&base.read_config()?, args.num_labels));
     let policy = bad_rows(&args.bad_rows)?;
     let train_data = read_labelled(&args.train, loss, args.num_labels, policy)?;
     let eval_data = args

@@ -18,4 +18,4 @@ pub use error::{Error, Result};
 pub use loss::Loss;
 pub use optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
 pub use trainable::{load_trainable, Param, Trainable, TrainableClassifier};
-pub use trainer::{evaluate, predict, train, EvalMetrics, TrainConfig, TrainSummary};
+pub use trainer::{evaluate, head_config, predict, train, EvalMetrics, TrainConfig, TrainSummary};

@@ -184,6 +184,30 @@ fn metrics_of(scores: &[f64], labels: &[f64]) -> EvalMetrics {
     }
 }
 
+/// The configuration of the classifier trained from a base whose config is `base`: a base that
+/// is already a classifier with `num_labels` outputs keeps its head settings; otherwise the head
+/// is new, with `num_labels` generic labels and no `problem_type` (so a one-label head trains
+/// with BCE, as `CrossEncoder.fit` does).
+pub fn head_config(base: &Config, num_labels: usize) -> Config {
+    let mut config = base.clone();
+    let is_classifier = config
+        .architectures
+        .iter()
+        .any(|a| a == "BertForSequenceClassification");
+    if config.num_labels != num_labels || !is_classifier {
+        config.num_labels = num_labels;
+        config.id2label = (0..num_labels).map(|i| (i, format!("LABEL_{i}"))).collect();
+        config.label2id = config
+            .id2label
+            .iter()
+            .map(|(i, n)| (n.clone(), *i))
+            .collect();
+        config.problem_type = None;
+    }
+    config.architectures = vec!["BertForSequenceClassification".into()];
+    config
+}
+
 /// Trains a pair classifier from `base` on `train`, evaluating on `eval`, writing into `out`:
 /// `last/` (with training state), `best/` (best evaluation), `metrics.jsonl`,
 /// `training_curve.svg`, and the final model's files in `out` itself. With `resume`, continues
@@ -230,23 +254,7 @@ pub fn train(
             (files, config)
         }
         None => {
-            let mut config: Config = base.read_config()?;
-            if config.num_labels != cfg.num_labels
-                || !config
-                    .architectures
-                    .iter()
-                    .any(|a| a == "BertForSequenceClassification")
-            {
-                config.num_labels = cfg.num_labels;
-                config.id2label = (0..cfg.num_labels)
-                    .map(|i| (i, format!("LABEL_{i}")))
-                    .collect();
-                config.label2id = config
-                    .id2label
-                    .iter()
-                    .map(|(i, n)| (n.clone(), *i))
-                    .collect();
-            }
+            let config = head_config(&base.read_config()?, cfg.num_labels);
             (base.clone(), config)
         }
     };
@@ -565,5 +573,35 @@ impl MetricsLog {
 
     fn write(&mut self, value: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{value}").map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_new_head_gets_generic_labels_and_an_existing_one_is_kept() {
+        let base = Config::from_json_value(
+            json!({"architectures": ["BertModel"], "problem_type": "regression"}),
+        )
+        .unwrap();
+        let head = head_config(&base, 1);
+        assert_eq!(head.num_labels, 1);
+        assert_eq!(head.problem_type, None);
+        assert_eq!(head.architectures, vec!["BertForSequenceClassification"]);
+        assert_eq!(Loss::for_config(&head), Loss::BceWithLogits);
+
+        let classifier = Config::from_json_value(json!({
+            "architectures": ["BertForSequenceClassification"],
+            "id2label": {"0": "a", "1": "b", "2": "c"},
+            "problem_type": "multi_label_classification"
+        }))
+        .unwrap();
+        let kept = head_config(&classifier, 3);
+        assert_eq!(kept.id2label[&2], "c");
+        assert_eq!(Loss::for_config(&kept), Loss::BceWithLogits);
+        assert_eq!(head_config(&classifier, 2).problem_type, None);
     }
 }
