@@ -31,6 +31,14 @@ pub fn minilm_files() -> ModelFiles {
 }
 
 /// The values as f64 (exact for every float dtype).
+/// all-MiniLM-L6-v2 with a fixture classification head (seeded random, `num_labels` 1 or 3):
+/// the base from the carrier, the head's config and weights from tests/fixtures/minilm.
+pub fn minilm_classifier_files(num_labels: usize) -> ModelFiles {
+    minilm_files()
+        .with_config(fixture("minilm").join(format!("classifier-{num_labels}.config.json")))
+        .with_extra_weights(fixture("minilm").join(format!("classifier-{num_labels}.safetensors")))
+}
+
 fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .and_then(|t| t.flatten_all())

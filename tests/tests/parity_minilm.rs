@@ -14,7 +14,8 @@ use bert::{
     ModelFiles, Tensor,
 };
 use bert_tests::{
-    assert_close, assert_half_close, fixture, lengths, minilm_files, outputs, real_tokens, row,
+    assert_close, assert_half_close, lengths, minilm_classifier_files, minilm_files, outputs,
+    real_tokens, row,
 };
 
 const TOLERANCE: f64 = 5e-5;
@@ -144,11 +145,7 @@ fn classification_heads_on_minilm_match_transformers() {
     let expected = outputs("minilm");
     let batch = Batch::from_fixture("pair");
     for num_labels in [1usize, 3] {
-        let files: ModelFiles = minilm_files()
-            .with_config(fixture("minilm").join(format!("classifier-{num_labels}.config.json")))
-            .with_extra_weights(
-                fixture("minilm").join(format!("classifier-{num_labels}.safetensors")),
-            );
+        let files: ModelFiles = minilm_classifier_files(num_labels);
         let loaded =
             load::<BertForSequenceClassification>(&files, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(loaded.config.num_labels, num_labels);

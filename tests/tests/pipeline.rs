@@ -8,7 +8,7 @@ use bert::{
     Device, Embedder, ForwardOptions, ModelFiles, ModelSource, PairScorer, PipelineOptions,
     Pooling, ScoreMode, Tensor, TokenizeOptions,
 };
-use bert_tests::{assert_close, fixture, minilm_files, outputs};
+use bert_tests::{assert_close, fixture, minilm_classifier_files, minilm_files, outputs};
 
 fn cpu() -> PipelineOptions {
     PipelineOptions {
@@ -20,6 +20,16 @@ fn cpu() -> PipelineOptions {
 fn texts() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("minilm").join("texts.json")).unwrap())
         .unwrap()
+}
+
+/// The fixture's sentence pairs, borrowed from its JSON.
+fn pair_texts(texts: &serde_json::Value) -> Vec<(&str, &str)> {
+    texts["pair"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap(), p[1].as_str().unwrap()))
+        .collect()
 }
 
 /// Mean pooling of transformers' last hidden states over real tokens.
@@ -94,12 +104,7 @@ fn default_model_scores_by_cosine_and_ranks_sensibly() {
     .unwrap();
     assert_eq!(scorer.mode(), ScoreMode::BiEncoder);
     let texts = texts();
-    let pairs: Vec<(&str, &str)> = texts["pair"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p[0].as_str().unwrap(), p[1].as_str().unwrap()))
-        .collect();
+    let pairs = pair_texts(&texts);
     let scores = scorer.score(&pairs).unwrap();
     assert!(
         scores[0] > scores[1],
@@ -156,9 +161,7 @@ fn untrained_heads_are_never_used_as_similarity() {
         "{message}"
     );
     // A three-label classifier is not a pair probability either.
-    let files = minilm_files()
-        .with_config(fixture("minilm").join("classifier-3.config.json"))
-        .with_extra_weights(fixture("minilm").join("classifier-3.safetensors"));
+    let files = minilm_classifier_files(3);
     let message = PairScorer::from_files(&files, &cpu(), Some(ScoreMode::CrossEncoder))
         .unwrap_err()
         .to_string();
@@ -169,18 +172,11 @@ fn untrained_heads_are_never_used_as_similarity() {
 /// sigmoid(transformers' logits) on the same token ids.
 #[test]
 fn cross_encoder_probabilities_match_transformers_logits() {
-    let files = minilm_files()
-        .with_config(fixture("minilm").join("classifier-1.config.json"))
-        .with_extra_weights(fixture("minilm").join("classifier-1.safetensors"));
+    let files = minilm_classifier_files(1);
     let scorer = PairScorer::from_files(&files, &cpu(), None).unwrap();
     assert_eq!(scorer.mode(), ScoreMode::CrossEncoder);
     let texts = texts();
-    let pairs: Vec<(&str, &str)> = texts["pair"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| (p[0].as_str().unwrap(), p[1].as_str().unwrap()))
-        .collect();
+    let pairs = pair_texts(&texts);
     let ours = Tensor::new(scorer.score(&pairs).unwrap(), &Device::Cpu).unwrap();
     let reference = candle_nn::ops::sigmoid(&outputs("minilm")["classifier1.logits"])
         .unwrap()
