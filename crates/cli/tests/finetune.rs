@@ -113,7 +113,7 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
     let killed_str = killed.display().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_bert"))
         .args(finetune_args(&model, &train, &eval, &killed_str))
-        .env("BERT_FINETUNE_TEST_STEP_DELAY_MS", "40")
+        .env("BERT_FINETUNE_TEST_STEP_DELAY_MS", "100")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
