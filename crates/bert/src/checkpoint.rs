@@ -220,16 +220,43 @@ impl Checkpoint {
             .find(|c| self.entries.contains_key(c))
     }
 
-    /// Reads a stored tensor (by its stored name, see [`Checkpoint::resolve`]) as `dtype` on
-    /// `device`.
-    pub fn load(&self, stored: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        if !self.entries.contains_key(stored) {
+    /// Reads a stored weight (by its stored name, see [`Checkpoint::resolve`]) as `dtype` on
+    /// `device`. Its stored shape is checked against `expected` before anything is read, and it
+    /// must be floating point.
+    pub fn load_weight(
+        &self,
+        stored: &str,
+        expected: Option<&Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let entry = self
+            .entries
+            .get(stored)
+            .ok_or_else(|| Error::checkpoint(&self.origin, format!("no tensor {stored}")))?;
+        if let Some(shape) = expected {
+            if entry.shape.as_slice() != shape.dims() {
+                return Err(Error::checkpoint(
+                    &self.origin,
+                    format!(
+                        "tensor {stored} has shape {:?} but the config implies {:?}",
+                        entry.shape,
+                        shape.dims()
+                    ),
+                ));
+            }
+        }
+        let tensor = self.load_raw(stored, device)?;
+        if !tensor.dtype().is_float() {
             return Err(Error::checkpoint(
                 &self.origin,
-                format!("no tensor {stored}"),
+                format!(
+                    "tensor {stored} has dtype {:?}; model weights must be floating point",
+                    tensor.dtype()
+                ),
             ));
         }
-        Ok(self.load_raw(stored, device)?.to_dtype(dtype)?)
+        Ok(tensor.to_dtype(dtype)?)
     }
 
     fn load_raw(&self, stored: &str, device: &Device) -> candle_core::Result<Tensor> {
@@ -321,26 +348,12 @@ impl Recorder<'_> {
                 }),
             };
         };
-        let stored_shape = &self.checkpoint.entries[&stored].shape;
-        if let Some(shape) = shape {
-            if stored_shape.as_slice() != shape.dims() {
-                return Err(candle_core::Error::Msg(format!(
-                    "tensor {stored} in {} has shape {stored_shape:?} but the config implies \
-                     {:?}",
-                    self.checkpoint.origin.display(),
-                    shape.dims()
-                )));
-            }
-        }
-        self.used.lock().map_err(poisoned)?.insert(stored.clone());
-        let tensor = self.checkpoint.load_raw(&stored, device)?;
-        if !tensor.dtype().is_float() {
-            return Err(candle_core::Error::Msg(format!(
-                "tensor {stored} has dtype {:?}; model weights must be floating point",
-                tensor.dtype()
-            )));
-        }
-        tensor.to_dtype(dtype)
+        let tensor = self
+            .checkpoint
+            .load_weight(&stored, shape, dtype, device)
+            .map_err(candle_core::Error::wrap)?;
+        self.used.lock().map_err(poisoned)?.insert(stored);
+        Ok(tensor)
     }
 }
 

@@ -137,25 +137,18 @@ impl Builder<'_> {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let lock = |e: String| candle_core::Error::Msg(e);
+        let poisoned = |e: String| candle_core::Error::Msg(e);
         let (tensor, fresh) = match self.checkpoint.resolve(name) {
             Some(stored) => {
                 let t = self
                     .checkpoint
-                    .load(&stored, dtype, device)
-                    .map_err(|e| lock(e.to_string()))?;
-                if t.dims() != shape.dims() {
-                    candle_core::bail!(
-                        "tensor {stored} has shape {:?} but the config implies {:?}",
-                        t.dims(),
-                        shape.dims()
-                    );
-                }
+                    .load_weight(&stored, Some(shape), dtype, device)
+                    .map_err(candle_core::Error::wrap)?;
                 (t, false)
             }
             None if is_head(name) => {
                 let t = if name.ends_with(".weight") {
-                    let mut rng = self.rng.lock().map_err(|e| lock(e.to_string()))?;
+                    let mut rng = self.rng.lock().map_err(|e| poisoned(e.to_string()))?;
                     let values: Vec<f32> = (0..shape.elem_count())
                         .map(|_| (rng.next_normal() * self.std) as f32)
                         .collect();
@@ -168,7 +161,7 @@ impl Builder<'_> {
             None => {
                 self.missing
                     .lock()
-                    .map_err(|e| lock(e.to_string()))?
+                    .map_err(|e| poisoned(e.to_string()))?
                     .push(name.to_string());
                 return Tensor::zeros(shape, dtype, device);
             }
@@ -186,7 +179,7 @@ impl Builder<'_> {
         };
         self.params
             .lock()
-            .map_err(|e| lock(e.to_string()))?
+            .map_err(|e| poisoned(e.to_string()))?
             .push(Param {
                 name: name.to_string(),
                 var,
