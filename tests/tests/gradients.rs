@@ -83,6 +83,7 @@ fn frozen_encoder_stays_frozen() {
     // Deep copies: a variable's tensor shares storage with it and would move along.
     let before: std::collections::HashMap<_, _> = trainable
         .tensors()
+        .unwrap()
         .into_iter()
         .map(|(name, t)| (name, t.copy().unwrap()))
         .collect();
@@ -108,7 +109,7 @@ fn frozen_encoder_stays_frozen() {
     )
     .unwrap();
     optimizer.step(&grads, 1e-2).unwrap();
-    let after = trainable.tensors();
+    let after = trainable.tensors().unwrap();
     for (name, tensor) in &before {
         let moved = max_abs_diff(tensor, &after[name]) > 0.0;
         let head = name.starts_with("classifier.") || name.contains("pooler.");

@@ -197,13 +197,21 @@ impl Checkpoint {
     }
 
     /// Maps a name a module asks for to the stored name: exact, with or without the `bert.`
-    /// prefix, and TF-era `gamma`/`beta` for LayerNorm `weight`/`bias`.
+    /// prefix, under PEFT's `base_model.model.` (preferred: an adapter's trained copy), and
+    /// TF-era `gamma`/`beta` for LayerNorm `weight`/`bias`.
     pub fn resolve(&self, name: &str) -> Option<String> {
         let mut candidates = vec![name.to_string()];
         match name.strip_prefix("bert.") {
             Some(bare) => candidates.push(bare.to_string()),
             None => candidates.push(format!("bert.{name}")),
         }
+        // PEFT saves under its wrapper's prefix; an adapter's copy of a module (the head it
+        // trained) comes before the base's.
+        let wrapped: Vec<String> = candidates
+            .iter()
+            .map(|c| format!("{}{c}", crate::lora::PEFT_PREFIX))
+            .collect();
+        candidates.splice(0..0, wrapped);
         for i in 0..candidates.len() {
             let candidate = candidates[i].clone();
             if candidate.contains("LayerNorm.") {

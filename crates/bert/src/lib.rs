@@ -26,6 +26,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod load;
+pub mod lora;
 pub mod manifest;
 pub mod pairs;
 pub mod pipeline;
@@ -51,6 +52,7 @@ pub use checkpoint::{Checkpoint, LoadReport, WeightFiles};
 pub use device::{parse_dtype, DeviceSpec};
 pub use error::{Error, Result};
 pub use load::{load, Architecture, Loaded, ModelFiles};
+pub use lora::LoraConfig;
 pub use manifest::{Manifest, ManifestSource, DEFAULT_MODEL};
 pub use pairs::{read_pair_records, PairFormat, PairRecord};
 pub use pipeline::{

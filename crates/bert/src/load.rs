@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use bert_embeddings::nn::NamedLinears;
 use bert_embeddings::Config;
 use bert_heads::{
     BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining,
@@ -25,6 +26,8 @@ pub struct ModelFiles {
     pub weights: WeightFiles,
     /// `tokenizer.json`, when the model ships one.
     pub tokenizer: Option<PathBuf>,
+    /// A LoRA adapter directory (PEFT layout) applied on top of these weights.
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelFiles {
@@ -34,6 +37,13 @@ impl ModelFiles {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(Error::checkpoint(dir, "not a directory"));
+        }
+        if crate::lora::is_adapter_dir(dir) {
+            return Err(Error::checkpoint(
+                dir,
+                "a LoRA adapter, not a whole model: load it as a model source (which finds its \
+                 base), or add it to its base's files with ModelFiles::with_adapter",
+            ));
         }
         let config = dir.join("config.json");
         if !config.is_file() {
@@ -45,7 +55,32 @@ impl ModelFiles {
             config,
             weights: WeightFiles::find_in(dir)?,
             tokenizer,
+            adapter: None,
         })
+    }
+
+    /// Puts the LoRA adapter in `dir` (PEFT layout) on top of these files: its weights are read
+    /// after the base ones (the head it saves whole replaces the base's), its `config.json`
+    /// (the trained classifier's) and tokenizer replace the base's when it has them.
+    pub fn with_adapter(mut self, dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        crate::lora::LoraConfig::from_dir(dir)?;
+        let weights = dir.join(crate::lora::ADAPTER_WEIGHTS);
+        if !weights.is_file() {
+            return Err(Error::checkpoint(
+                dir,
+                format!("no {}", crate::lora::ADAPTER_WEIGHTS),
+            ));
+        }
+        self.weights.paths.push(weights);
+        if dir.join("config.json").is_file() {
+            self.config = dir.join("config.json");
+        }
+        if dir.join("tokenizer.json").is_file() {
+            self.tokenizer = Some(dir.join("tokenizer.json"));
+        }
+        self.adapter = Some(dir.to_path_buf());
+        Ok(self)
     }
 
     /// Adds weight files read after the base ones (a trained head on top of base weights);
@@ -67,8 +102,8 @@ impl ModelFiles {
     }
 }
 
-/// A BERT model class that can be built from a checkpoint.
-pub trait Architecture: Sized {
+/// A BERT model class that can be built from a checkpoint (and carry LoRA adapters).
+pub trait Architecture: Sized + NamedLinears {
     /// The transformers class name.
     const NAME: &'static str;
 
@@ -128,16 +163,27 @@ pub struct Loaded<M> {
     pub files: ModelFiles,
 }
 
-/// Loads architecture `M` from `files`, converting weights to `dtype` on `device`.
+/// Loads architecture `M` from `files`, converting weights to `dtype` on `device`. A LoRA
+/// adapter among the files is attached and merged into the weights.
 pub fn load<M: Architecture>(
     files: &ModelFiles,
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded<M>> {
     let config = files.read_config()?;
+    let lora = files
+        .adapter
+        .as_deref()
+        .map(crate::lora::LoraConfig::from_dir)
+        .transpose()?;
     let checkpoint = Checkpoint::open(&files.weights)?;
     let (model, report) = checkpoint.build(M::NAME, dtype, device, |vb| {
-        M::build(&config, vb, &checkpoint)
+        let mut model = M::build(&config, vb.clone(), &checkpoint)?;
+        if let Some(lora) = &lora {
+            crate::lora::attach(&mut model, lora, &vb)?;
+            crate::lora::merge(&mut model)?;
+        }
+        Ok(model)
     })?;
     Ok(Loaded {
         model,

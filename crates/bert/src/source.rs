@@ -88,6 +88,18 @@ impl ModelSource {
     /// The model's files on local disk, fetching and verifying them first if needed.
     pub fn fetch(&self) -> Result<ModelFiles> {
         match self {
+            Self::Directory(dir) if crate::lora::is_adapter_dir(dir) => {
+                let config = crate::lora::LoraConfig::from_dir(dir)?;
+                let base_spec = crate::lora::base_spec(dir, &config)?;
+                let base: ModelSource = base_spec.parse()?;
+                if matches!(&base, Self::Directory(b) if crate::lora::is_adapter_dir(b)) {
+                    return Err(Error::checkpoint(
+                        dir,
+                        format!("its base {base_spec} is itself an adapter; stacking adapters is not supported"),
+                    ));
+                }
+                base.fetch()?.with_adapter(dir)
+            }
             Self::Directory(dir) => ModelFiles::from_dir(dir),
             Self::Hub { repo, revision } => fetch_from_hub(repo, revision.as_deref()),
             Self::Manifest(manifest) => {

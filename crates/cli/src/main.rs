@@ -17,7 +17,8 @@ use bert::{
 };
 use bert::{BertTokenizer, DType, TokenizeOptions};
 use bert_finetune::{
-    evaluate, head_config, read_dataset, train, BadRows, Dataset, Loss, TrainConfig, Trainable,
+    evaluate, head_config, merge_adapter, read_dataset, train, BadRows, Dataset, Loss, TrainConfig,
+    Trainable,
 };
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,6 +49,18 @@ enum Command {
     Finetune(FinetuneArgs),
     /// Evaluate a pair classifier on labelled pairs; prints the metrics as JSON.
     Eval(EvalArgs),
+    /// Merge a LoRA adapter into its base model and write a plain checkpoint.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The adapter directory (PEFT layout: adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    model: String,
+    /// Where the merged BertForSequenceClassification checkpoint goes.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -92,8 +105,27 @@ struct FinetuneArgs {
     #[arg(long, default_value_t = 1)]
     num_labels: usize,
     /// Train only the pooler and classifier.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lora")]
     freeze_encoder: bool,
+    /// Train LoRA adapters of this rank (and the classifier) instead of every weight; the
+    /// checkpoints are PEFT adapters on the base model (`bert merge` makes a plain one).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    lora: Option<u64>,
+    /// LoRA alpha: adapter updates are scaled by alpha / rank (PEFT's default, 8).
+    #[arg(long, default_value_t = 8.0, requires = "lora")]
+    lora_alpha: f64,
+    /// Dropout on the adapters' inputs while training (PEFT's default, 0).
+    #[arg(long, default_value_t = 0.0, requires = "lora")]
+    lora_dropout: f64,
+    /// Comma-separated names of the linear layers that get adapters (matched as the end of a
+    /// layer's path, as PEFT does): attention and feed-forward by default.
+    #[arg(
+        long,
+        default_value = "query,key,value,dense",
+        value_delimiter = ',',
+        requires = "lora"
+    )]
+    lora_targets: Vec<String>,
     /// Continue from OUT/last exactly where it stopped.
     #[arg(long)]
     resume: bool,
@@ -178,11 +210,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         eval_steps: args.eval_steps,
         max_length: args.max_length,
-        trainable: if args.freeze_encoder {
-            Trainable::HeadOnly
-        } else {
-            Trainable::All
-        },
+        trainable: trainable_of(&args)?,
         num_labels: args.num_labels,
         dtype,
         resume: args.resume,
@@ -211,6 +239,40 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         "model": summary.model_dir,
     });
     println!("{report}");
+    Ok(())
+}
+
+/// Which weights `finetune` trains, from its flags.
+fn trainable_of(args: &FinetuneArgs) -> Result<Trainable> {
+    let Some(rank) = args.lora else {
+        return Ok(if args.freeze_encoder {
+            Trainable::HeadOnly
+        } else {
+            Trainable::All
+        });
+    };
+    let targets: Vec<&str> = args.lora_targets.iter().map(String::as_str).collect();
+    let mut lora =
+        bert::LoraConfig::new(rank as usize, args.lora_alpha, args.lora_dropout, &targets);
+    // The adapter names its base as the user did, so it loads wherever that name resolves; a
+    // directory is recorded as an absolute path.
+    lora.base_model_name_or_path = Some(match std::fs::canonicalize(&args.model) {
+        Ok(dir) if dir.is_dir() => dir.to_string_lossy().into_owned(),
+        _ => args.model.clone(),
+    });
+    lora.validate()
+        .map_err(|e| anyhow::anyhow!("--lora: {e}"))?;
+    Ok(Trainable::Lora(Box::new(lora)))
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    let files = args
+        .model
+        .parse::<ModelSource>()?
+        .fetch()
+        .with_context(|| format!("cannot load adapter {}", args.model))?;
+    merge_adapter(&files, &args.out)?;
+    eprintln!("merged {} into {}", args.model, args.out.display());
     Ok(())
 }
 
@@ -500,6 +562,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed(args),
         Command::Finetune(args) => finetune(args),
         Command::Eval(args) => eval(args),
+        Command::Merge(args) => merge(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -78,6 +78,10 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+fn run_owned(args: &[String]) -> Output {
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn report(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
@@ -97,6 +101,18 @@ fn saved_step(out: &Path) -> u64 {
 
 #[test]
 fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
+    kill_and_resume(&[]);
+}
+
+#[test]
+fn sigkill_then_resume_reproduces_the_uninterrupted_lora_run() {
+    // Adapter dropout on, so the resumed run must also restore the dropout stream.
+    kill_and_resume(&["--lora", "4", "--lora-alpha", "16", "--lora-dropout", "0.1"]);
+}
+
+/// Runs the recipe (plus `extra` flags) uninterrupted, then again killed with SIGKILL after a
+/// checkpoint and resumed; both must end with the same metrics, best step and log.
+fn kill_and_resume(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny();
     let train = write_data(dir.path(), "train.tsv", 48, 0)
@@ -106,13 +122,20 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
         .display()
         .to_string();
     let whole = dir.path().join("whole").display().to_string();
-    let expected = report(&run(&finetune_args(&model, &train, &eval, &whole)));
+    let args_for = |out: &'_ str| -> Vec<String> {
+        finetune_args(&model, &train, &eval, out)
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(String::from)
+            .collect()
+    };
+    let expected = report(&run_owned(&args_for(&whole)));
     assert_eq!(expected["steps"], 36);
 
     let killed = dir.path().join("killed");
     let killed_str = killed.display().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_bert"))
-        .args(finetune_args(&model, &train, &eval, &killed_str))
+        .args(args_for(&killed_str))
         .env("BERT_FINETUNE_TEST_STEP_DELAY_MS", "100")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -138,9 +161,9 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
         "killed at step {interrupted_at}"
     );
 
-    let mut args = finetune_args(&model, &train, &eval, &killed_str);
-    args.push("--resume");
-    let resumed = report(&run(&args));
+    let mut args = args_for(&killed_str);
+    args.push("--resume".into());
+    let resumed = report(&run_owned(&args));
     assert_eq!(resumed["steps"], expected["steps"]);
     assert_eq!(
         resumed["final"], expected["final"],
@@ -243,4 +266,104 @@ fn finetune_writes_an_hf_checkpoint_that_eval_and_score_load() {
         "skip",
     ]);
     assert_eq!(report(&skipped)["skipped"], 2);
+}
+
+#[test]
+fn finetune_with_lora_writes_a_peft_adapter_that_scores_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny();
+    let train = write_data(dir.path(), "train.tsv", 24, 0)
+        .display()
+        .to_string();
+    let eval = write_data(dir.path(), "eval.tsv", 8, 1)
+        .display()
+        .to_string();
+    let out = dir.path().join("out");
+    let out_str = out.display().to_string();
+    let mut args = finetune_args(&model, &train, &eval, &out_str);
+    args.extend(["--lora", "4", "--lora-alpha", "16"]);
+    let summary = report(&run(&args));
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "best/adapter_model.safetensors",
+        "last/trainer_state.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "an adapter run saves no whole model"
+    );
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter["r"], 4);
+    assert_eq!(adapter["lora_alpha"], 16.0);
+    assert_eq!(adapter["task_type"], "SEQ_CLS");
+    let base = std::fs::canonicalize(&model).unwrap();
+    assert_eq!(
+        adapter["base_model_name_or_path"],
+        base.display().to_string()
+    );
+    let names: Vec<String> = candle_core::safetensors::load(
+        out.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_keys()
+    .collect();
+    assert_eq!(names.len(), 28, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("base_model.model.")
+        && (n.contains(".lora_A.") || n.contains(".lora_B.") || n.contains(".classifier."))));
+
+    // eval and score load the adapter through its base; merge makes a plain checkpoint that
+    // scores the same.
+    let evaluated = report(&run(&[
+        "eval", "--model", &out_str, "--data", &eval, "--device", "cpu",
+    ]));
+    assert_eq!(evaluated["metrics"], summary["final"]);
+    let merged = dir.path().join("merged").display().to_string();
+    let merge = run(&["merge", "--model", &out_str, "--out", &merged]);
+    assert!(
+        merge.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merge.stderr)
+    );
+    let score = |model: &str| -> f64 {
+        let out = run(&[
+            "score",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "the man",
+            "a man is playing",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let (adapted, plain, untrained) = (score(&out_str), score(&merged), score(&model));
+    assert!((adapted - plain).abs() < 1e-5, "{adapted} vs {plain}");
+    assert!(
+        (adapted - untrained).abs() > 1e-6,
+        "training changed nothing"
+    );
+
+    // Merging a whole model is refused with a reason.
+    let refused = run(&[
+        "merge",
+        "--model",
+        &merged,
+        "--out",
+        &dir.path().join("again").display().to_string(),
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a LoRA adapter"));
 }

@@ -17,17 +17,80 @@ fn needs_grad(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }
 
-/// `y = x W^T + b`, HF's `nn.Linear` (weight `[out, in]`).
+/// `y = x W^T + b`, HF's `nn.Linear` (weight `[out, in]`), optionally with a LoRA adapter
+/// (PEFT's `lora.Linear`): `y = x W^T + b + scaling * dropout(x) A^T B^T`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    adapter: Option<LoraAdapter>,
+}
+
+/// A low-rank update of a [`Linear`] (Hu et al. 2021, as PEFT's `LoraLayer`): `A: [r, in]`,
+/// `B: [out, r]`, applied as `scaling * dropout(x) A^T B^T`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    a: Tensor,
+    b: Tensor,
+    scaling: f64,
+    dropout: Dropout,
+}
+
+impl LoraAdapter {
+    /// An adapter from `a: [r, in]` and `b: [out, r]`; `scaling` is PEFT's `lora_alpha / r`
+    /// (`lora_alpha / sqrt(r)` with rsLoRA) and `dropout` acts on the adapter's input only.
+    pub fn new(a: Tensor, b: Tensor, scaling: f64, dropout: Dropout) -> Result<Self> {
+        let (rank, _) = a.dims2()?;
+        let (_, b_rank) = b.dims2()?;
+        if rank != b_rank {
+            return Err(Error::input(format!(
+                "LoRA A is {:?} and B is {:?}: their ranks differ",
+                a.dims(),
+                b.dims()
+            )));
+        }
+        Ok(Self {
+            a,
+            b,
+            scaling,
+            dropout,
+        })
+    }
+
+    /// `A`, `[r, in]`.
+    pub fn a(&self) -> &Tensor {
+        &self.a
+    }
+
+    /// `B`, `[out, r]`.
+    pub fn b(&self) -> &Tensor {
+        &self.b
+    }
+
+    /// The factor on `B A`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `scaling * B A`, the `[out, in]` update the adapter adds to the weight.
+    pub fn delta_weight(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scaling
+    }
 }
 
 impl Linear {
     /// Wraps existing tensors (`weight: [out, in]`, `bias: [out]`).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
     }
 
     /// Loads `weight` and `bias` under `vb`.
@@ -37,7 +100,7 @@ impl Linear {
         Ok(Self::new(weight, Some(bias)))
     }
 
-    /// The `[out, in]` weight.
+    /// The `[out, in]` weight (without any adapter's update).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -46,25 +109,100 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Input width.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// The LoRA adapter, if one is attached.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Attaches (or with `None`, removes) a LoRA adapter, checking its shapes against the
+    /// weight.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
+        if let Some(adapter) = &adapter {
+            let (out_dim, in_dim) = (self.out_dim(), self.in_dim());
+            if adapter.a.dims()[1] != in_dim || adapter.b.dims()[0] != out_dim {
+                return Err(Error::input(format!(
+                    "LoRA A {:?} / B {:?} do not fit a [{out_dim}, {in_dim}] weight",
+                    adapter.a.dims(),
+                    adapter.b.dims()
+                )));
+            }
+        }
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// Folds the adapter into the weight (`W + scaling * B A`, PEFT's `merge_and_unload`) and
+    /// removes it: the same outputs in inference, at a plain linear's cost.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        if let Some(adapter) = self.adapter.take() {
+            let delta = adapter.delta_weight()?.to_dtype(self.weight.dtype())?;
+            self.weight = (self.weight.detach() + delta.detach())?;
+        }
+        Ok(())
+    }
+
+    /// The layer's output; `train` turns the adapter's dropout on.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         // Fold every leading dimension into the rows so the product is one GEMM instead of a
         // batch of small ones against a broadcast weight.
         let dims = x.dims();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
-        };
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(adapter) = &self.adapter {
+            let dropped = adapter.dropout.forward(&x2, train)?;
+            let low_rank = dropped.matmul(&adapter.a.t()?)?.matmul(&adapter.b.t()?)?;
+            y = (y + (low_rank * adapter.scaling)?)?;
+        }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
+            *last = self.out_dim();
         }
         y.reshape(out_dims)
+    }
+}
+
+impl Module for Linear {
+    /// Inference: [`Linear::forward_t`] without dropout.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_t(x, false)
+    }
+}
+
+/// Models that can list their linear layers by checkpoint path (`bert.encoder.layer.0.
+/// attention.self.query`, ...), mutably: how LoRA adapters are attached, found and merged.
+pub trait NamedLinears {
+    /// Appends every linear layer under `prefix` (the module's own path, `""` at the root).
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>);
+}
+
+impl NamedLinears for Linear {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        out.push((prefix.to_string(), self));
+    }
+}
+
+/// `prefix.name`, or `name` at the root: the path join of module names.
+pub fn join_path(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
     }
 }
 

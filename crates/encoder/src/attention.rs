@@ -5,7 +5,9 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{compute_dtype, softmax_last_dim, Dropout, Embedding, LayerNorm, Linear};
+use bert_embeddings::nn::{
+    compute_dtype, join_path, softmax_last_dim, Dropout, Embedding, LayerNorm, Linear, NamedLinears,
+};
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
 /// Scaled dot-product attention over all heads (`attention.self.*`).
@@ -69,9 +71,9 @@ impl BertSelfAttention {
     ) -> Result<(Tensor, Tensor)> {
         let (batch, seq, hidden) = hidden_states.dims3()?;
         let dtype = hidden_states.dtype();
-        let q = self.split_heads(&self.query.forward(hidden_states)?)?;
-        let k = self.split_heads(&self.key.forward(hidden_states)?)?;
-        let v = self.split_heads(&self.value.forward(hidden_states)?)?;
+        let q = self.split_heads(&self.query.forward_t(hidden_states, train)?)?;
+        let k = self.split_heads(&self.key.forward_t(hidden_states, train)?)?;
+        let v = self.split_heads(&self.value.forward_t(hidden_states, train)?)?;
 
         let mut scores = q.matmul(&k.t()?)?;
         if let Some(table) = &self.distance_embedding {
@@ -137,6 +139,14 @@ impl BertSelfAttention {
     }
 }
 
+impl NamedLinears for BertSelfAttention {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.query.named_linears(&join_path(prefix, "query"), out);
+        self.key.named_linears(&join_path(prefix, "key"), out);
+        self.value.named_linears(&join_path(prefix, "value"), out);
+    }
+}
+
 /// Output projection, dropout, residual and LayerNorm after attention (`attention.output.*`).
 #[derive(Debug, Clone)]
 pub struct BertSelfOutput {
@@ -158,8 +168,16 @@ impl BertSelfOutput {
 
     /// `LayerNorm(dropout(dense(context)) + residual)`.
     pub fn forward(&self, context: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        let projected = self.dropout.forward(&self.dense.forward(context)?, train)?;
+        let projected = self
+            .dropout
+            .forward(&self.dense.forward_t(context, train)?, train)?;
         Ok(self.layer_norm.forward(&(projected + residual)?)?)
+    }
+}
+
+impl NamedLinears for BertSelfOutput {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.dense.named_linears(&join_path(prefix, "dense"), out);
     }
 }
 
@@ -188,5 +206,13 @@ impl BertAttention {
     ) -> Result<(Tensor, Tensor)> {
         let (context, probs) = self.self_attention.forward(hidden_states, bias, train)?;
         Ok((self.output.forward(&context, hidden_states, train)?, probs))
+    }
+}
+
+impl NamedLinears for BertAttention {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.self_attention
+            .named_linears(&join_path(prefix, "self"), out);
+        self.output.named_linears(&join_path(prefix, "output"), out);
     }
 }

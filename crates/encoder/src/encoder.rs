@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{Config, Result};
 
 use crate::layer::BertLayer;
@@ -111,5 +112,14 @@ impl BertEncoder {
             hidden_states: all_hidden,
             attentions: all_attentions,
         })
+    }
+}
+
+impl NamedLinears for BertEncoder {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        let prefix = join_path(prefix, "layer");
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.named_linears(&join_path(&prefix, &i.to_string()), out);
+        }
     }
 }

@@ -4,7 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{activation, Dropout, LayerNorm, Linear};
+use bert_embeddings::nn::{activation, join_path, Dropout, LayerNorm, Linear, NamedLinears};
 use bert_embeddings::{Config, HiddenAct, Result};
 
 /// `intermediate.*`: hidden -> intermediate width, then `hidden_act`.
@@ -23,9 +23,15 @@ impl BertIntermediate {
         })
     }
 
-    /// `act(dense(x))`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(activation(self.act, &self.dense.forward(x)?)?)
+    /// `act(dense(x))`; `train` only matters for a LoRA adapter's dropout.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(activation(self.act, &self.dense.forward_t(x, train)?)?)
+    }
+}
+
+impl NamedLinears for BertIntermediate {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.dense.named_linears(&join_path(prefix, "dense"), out);
     }
 }
 
@@ -55,7 +61,13 @@ impl BertOutput {
     pub fn forward(&self, intermediate: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         let projected = self
             .dropout
-            .forward(&self.dense.forward(intermediate)?, train)?;
+            .forward(&self.dense.forward_t(intermediate, train)?, train)?;
         Ok(self.layer_norm.forward(&(projected + residual)?)?)
+    }
+}
+
+impl NamedLinears for BertOutput {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.dense.named_linears(&join_path(prefix, "dense"), out);
     }
 }

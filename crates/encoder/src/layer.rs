@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{Config, Result};
 
 use crate::attention::BertAttention;
@@ -34,7 +35,17 @@ impl BertLayer {
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (attended, probs) = self.attention.forward(hidden_states, bias, train)?;
-        let intermediate = self.intermediate.forward(&attended)?;
+        let intermediate = self.intermediate.forward(&attended, train)?;
         Ok((self.output.forward(&intermediate, &attended, train)?, probs))
+    }
+}
+
+impl NamedLinears for BertLayer {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.attention
+            .named_linears(&join_path(prefix, "attention"), out);
+        self.intermediate
+            .named_linears(&join_path(prefix, "intermediate"), out);
+        self.output.named_linears(&join_path(prefix, "output"), out);
     }
 }

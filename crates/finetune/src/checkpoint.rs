@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use bert::{Config, ModelFiles};
+use bert::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use bert::{Config, LoraConfig, ModelFiles};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -40,12 +41,23 @@ pub struct TrainingState {
     pub best_step: Option<u64>,
 }
 
-/// Writes an HF `BertForSequenceClassification` checkpoint to `dir` (replacing it atomically),
-/// with the training state when given (`trainer_state.json`, `optimizer.safetensors`).
+/// What a checkpoint holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    /// Every weight of the model (`model.safetensors`).
+    Full(&'a HashMap<String, Tensor>),
+    /// A LoRA adapter in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`
+    /// with PEFT's names), applied on top of the base model its config names.
+    Adapter(&'a LoraConfig, &'a HashMap<String, Tensor>),
+}
+
+/// Writes an HF `BertForSequenceClassification` checkpoint (or a PEFT adapter for one, with
+/// the classifier's `config.json` beside it) to `dir`, replacing it atomically, with the
+/// training state when given (`trainer_state.json`, `optimizer.safetensors`).
 pub fn write_model(
     dir: &Path,
     config: &Config,
-    tensors: &HashMap<String, Tensor>,
+    weights: Weights,
     base: &ModelFiles,
     state: Option<(&TrainingState, &HashMap<String, Tensor>)>,
 ) -> Result<()> {
@@ -56,7 +68,16 @@ pub fn write_model(
         &staging.join("config.json"),
         config.to_json_string().as_bytes(),
     )?;
-    save_weights(tensors, &staging)?;
+    match weights {
+        Weights::Full(tensors) => save_weights(tensors, &staging, "model.safetensors")?,
+        Weights::Adapter(lora, tensors) => {
+            write_synced(
+                &staging.join(ADAPTER_CONFIG),
+                lora.to_json_string().as_bytes(),
+            )?;
+            save_weights(tensors, &staging, ADAPTER_WEIGHTS)?;
+        }
+    }
     for name in TOKENIZER_FILES {
         let source = base.dir.join(name);
         if source.is_file() {
@@ -155,7 +176,42 @@ pub fn previous_of(dir: &Path) -> PathBuf {
 /// The checkpoint to resume from: `dir`, or the previous one when a crash came between the two
 /// renames that replace a checkpoint.
 pub fn resumable(dir: &Path) -> Option<PathBuf> {
-    [dir.to_path_buf(), previous_of(dir)]
-        .into_iter()
-        .find(|d| d.join("trainer_state.json").is_file() && d.join("model.safetensors").is_file())
+    [dir.to_path_buf(), previous_of(dir)].into_iter().find(|d| {
+        d.join("trainer_state.json").is_file()
+            && (d.join("model.safetensors").is_file() || d.join(ADAPTER_WEIGHTS).is_file())
+    })
+}
+
+/// Exports `files` (a base with a LoRA adapter, see [`ModelFiles::with_adapter`]) as a plain
+/// `BertForSequenceClassification` checkpoint in `out`: every adapter merged into its layer's
+/// weight (`W + scaling * B A`, in f32), the head the adapter saved, the classifier's config
+/// and the base's tokenizer files. Written atomically, like every checkpoint here.
+pub fn merge_adapter(files: &ModelFiles, out: &Path) -> Result<()> {
+    let dir = files.adapter.as_deref().ok_or_else(|| {
+        Error::Setting(format!(
+            "{}: not a LoRA adapter (no {ADAPTER_CONFIG}); nothing to merge",
+            files.dir.display()
+        ))
+    })?;
+    let lora = LoraConfig::from_dir(dir)?;
+    let config = files.read_config()?;
+    let model = crate::trainable::load_trainable(
+        files,
+        &config,
+        crate::trainable::Trainable::Lora(Box::new(lora)),
+        candle_core::DType::F32,
+        &Device::Cpu,
+        0,
+    )?;
+    // Everything must come from the files: a weight made up here would be a silent random head.
+    if let Some(fresh) = model.params.iter().find(|p| p.fresh) {
+        return Err(Error::Setting(format!(
+            "{}: the adapter lacks {} (its head or an adapter weight); refusing to merge a \
+             randomly initialised one",
+            dir.display(),
+            fresh.name
+        )));
+    }
+    let tensors = model.tensors()?;
+    write_model(out, &config, Weights::Full(&tensors), files, None)
 }

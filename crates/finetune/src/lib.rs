@@ -1,7 +1,7 @@
 //! Fine-tuning BERT pair classifiers (cross-encoders): trainable models built from checkpoints,
 //! stable losses, AdamW with the usual weight-decay groups, the linear warm-up schedule,
 //! gradient clipping and accumulation, labelled-pair data, evaluation metrics, and checkpoints
-//! in transformers' layout.
+//! in transformers' layout; LoRA adapters in PEFT's.
 
 pub mod checkpoint;
 pub mod data;
@@ -13,6 +13,7 @@ pub mod plot;
 pub mod trainable;
 pub mod trainer;
 
+pub use checkpoint::{merge_adapter, write_model, Weights};
 pub use data::{epoch_batches, read_dataset, BadRows, Dataset, LabeledPair};
 pub use error::{Error, Result};
 pub use loss::Loss;

@@ -15,7 +15,9 @@ use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::checkpoint::{read_state, remove_stale_staging, resumable, write_model, TrainingState};
+use crate::checkpoint::{
+    read_state, remove_stale_staging, resumable, write_model, TrainingState, Weights,
+};
 use crate::data::{epoch_batches, Dataset, LabeledPair};
 use crate::error::{Error, Result};
 use crate::loss::Loss;
@@ -49,7 +51,8 @@ pub struct TrainConfig {
     pub max_length: Option<usize>,
     /// Which text of a pair is shortened.
     pub truncation: Truncation,
-    /// Which weights train.
+    /// Which weights train (all, the head, or LoRA adapters; an adapter's
+    /// `base_model_name_or_path` defaults to the base directory's absolute path).
     pub trainable: Trainable,
     /// Number of labels of the head.
     pub num_labels: usize,
@@ -249,7 +252,24 @@ pub fn train(
     };
     let (model_files, mut config) = match &resume_from {
         Some(dir) => {
-            let files = ModelFiles::from_dir(dir)?;
+            let is_adapter = bert::lora::is_adapter_dir(dir);
+            if is_adapter != matches!(cfg.trainable, Trainable::Lora(_)) {
+                return Err(Error::Setting(format!(
+                    "--resume: {} holds {}, but this run trains {}",
+                    dir.display(),
+                    if is_adapter {
+                        "a LoRA adapter"
+                    } else {
+                        "a whole model"
+                    },
+                    if is_adapter {
+                        "the whole model"
+                    } else {
+                        "LoRA adapters"
+                    },
+                )));
+            }
+            let files = checkpoint_files(base, dir)?;
             let config = files.read_config()?;
             (files, config)
         }
@@ -263,11 +283,34 @@ pub fn train(
     let model = load_trainable(
         &model_files,
         &config,
-        cfg.trainable,
+        cfg.trainable.clone(),
         dtype,
         device,
         cfg.seed,
     )?;
+    // What an adapter checkpoint records as its base.
+    let saved_lora = model.lora.clone().map(|mut lora| {
+        if lora.base_model_name_or_path.is_none() {
+            let dir = std::fs::canonicalize(&base.dir).unwrap_or_else(|_| base.dir.clone());
+            lora.base_model_name_or_path = Some(dir.to_string_lossy().into_owned());
+        }
+        lora
+    });
+    let save = |dir: &Path,
+                model: &TrainableClassifier,
+                state: Option<(&TrainingState, &std::collections::HashMap<String, Tensor>)>|
+     -> Result<()> {
+        match &saved_lora {
+            Some(lora) => {
+                let tensors = model.adapter_tensors();
+                write_model(dir, &config, Weights::Adapter(lora, &tensors), base, state)
+            }
+            None => {
+                let tensors = model.tensors()?;
+                write_model(dir, &config, Weights::Full(&tensors), base, state)
+            }
+        }
+    };
     let tokenizer_path = base
         .tokenizer
         .as_ref()
@@ -419,16 +462,10 @@ pub fn train(
                     if state.best_score.is_none_or(|best| m.primary > best) {
                         state.best_score = Some(m.primary);
                         state.best_step = Some(state.step);
-                        write_model(&best_dir, &config, &model.tensors(), base, None)?;
+                        save(&best_dir, &model, None)?;
                     }
                 }
-                write_model(
-                    &last_dir,
-                    &config,
-                    &model.tensors(),
-                    base,
-                    Some((&state, &optimizer.state())),
-                )?;
+                save(&last_dir, &model, Some((&state, &optimizer.state())))?;
             }
             if epoch_done {
                 break;
@@ -444,7 +481,7 @@ pub fn train(
         last_dir.clone()
     };
     publish_final(&final_dir, out)?;
-    let final_files = ModelFiles::from_dir(out)?;
+    let final_files = checkpoint_files(base, out)?;
     let final_model =
         bert::load::<bert::BertForSequenceClassification>(&final_files, dtype, device)?.model;
     let final_metrics = eval
@@ -460,6 +497,15 @@ pub fn train(
         best: state.best_score.zip(state.best_step),
         pairs_per_second: trained_pairs as f64 / train_time.max(1e-9),
         model_dir: out.to_path_buf(),
+    })
+}
+
+/// The files of a checkpoint this harness wrote: a whole model, or an adapter on `base`.
+fn checkpoint_files(base: &ModelFiles, dir: &Path) -> Result<ModelFiles> {
+    Ok(if bert::lora::is_adapter_dir(dir) {
+        base.clone().with_adapter(dir)?
+    } else {
+        ModelFiles::from_dir(dir)?
     })
 }
 

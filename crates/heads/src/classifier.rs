@@ -4,7 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{softmax_last_dim, Dropout, Linear};
+use bert_embeddings::nn::{join_path, softmax_last_dim, Dropout, Linear, NamedLinears};
 use bert_embeddings::{Config, Error, ProblemType, Result};
 use bert_encoder::ForwardOptions;
 
@@ -104,5 +104,13 @@ impl BertForSequenceClassification {
     pub fn probabilities(&self, inputs: &BertInputs) -> Result<Tensor> {
         let logits = self.forward(inputs, &ForwardOptions::inference())?.logits;
         self.activation.apply(&logits)
+    }
+}
+
+impl NamedLinears for BertForSequenceClassification {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.bert.named_linears(&join_path(prefix, "bert"), out);
+        self.classifier
+            .named_linears(&join_path(prefix, "classifier"), out);
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{activation, LayerNorm, Linear};
+use bert_embeddings::nn::{activation, join_path, LayerNorm, Linear, NamedLinears};
 use bert_embeddings::{Config, HiddenAct, Result};
 use bert_encoder::ForwardOptions;
 
@@ -114,5 +114,23 @@ impl BertForMaskedLM {
             hidden_states: out.hidden_states,
             attentions: out.attentions,
         })
+    }
+}
+
+/// The transform's `dense`; the decoder is left out: it is the word-embedding matrix (tied), and
+/// an adapter merged into it would untie them.
+impl NamedLinears for BertLMPredictionHead {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.transform
+            .dense
+            .named_linears(&join_path(prefix, "transform.dense"), out);
+    }
+}
+
+impl NamedLinears for BertForMaskedLM {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.bert.named_linears(&join_path(prefix, "bert"), out);
+        self.predictions
+            .named_linears(&join_path(prefix, "cls.predictions"), out);
     }
 }

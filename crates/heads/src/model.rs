@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{BertEmbeddings, Config, Result};
 use bert_encoder::{BertEncoder, ForwardOptions};
 
@@ -126,7 +127,7 @@ impl BertModel {
         let pooler_output = self
             .pooler
             .as_ref()
-            .map(|pooler| pooler.forward(&encoded.last_hidden_state))
+            .map(|pooler| pooler.forward(&encoded.last_hidden_state, options.train))
             .transpose()?;
         Ok(BertModelOutput {
             last_hidden_state: encoded.last_hidden_state,
@@ -134,5 +135,15 @@ impl BertModel {
             hidden_states: encoded.hidden_states,
             attentions: encoded.attentions,
         })
+    }
+}
+
+impl NamedLinears for BertModel {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.encoder
+            .named_linears(&join_path(prefix, "encoder"), out);
+        if let Some(pooler) = &mut self.pooler {
+            pooler.named_linears(&join_path(prefix, "pooler"), out);
+        }
     }
 }

@@ -4,7 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::Linear;
+use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{Config, Error, Result};
 use bert_encoder::ForwardOptions;
 
@@ -140,5 +140,28 @@ impl BertForPreTraining {
             hidden_states: out.hidden_states,
             attentions: out.attentions,
         })
+    }
+}
+
+impl NamedLinears for BertNspHead {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.seq_relationship
+            .named_linears(&join_path(prefix, "seq_relationship"), out);
+    }
+}
+
+impl NamedLinears for BertForNextSentencePrediction {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.bert.named_linears(&join_path(prefix, "bert"), out);
+        self.cls.named_linears(&join_path(prefix, "cls"), out);
+    }
+}
+
+impl NamedLinears for BertForPreTraining {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.bert.named_linears(&join_path(prefix, "bert"), out);
+        self.predictions
+            .named_linears(&join_path(prefix, "cls.predictions"), out);
+        self.nsp.named_linears(&join_path(prefix, "cls"), out);
     }
 }

@@ -1,9 +1,9 @@
 //! `BertPooler`: dense + tanh over the first (`[CLS]`) token.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::Linear;
+use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{Config, Result};
 
 /// `pooler.*`.
@@ -20,9 +20,16 @@ impl BertPooler {
         })
     }
 
-    /// `tanh(dense(hidden_states[:, 0]))`: `[batch, seq, hidden]` -> `[batch, hidden]`.
-    pub fn forward(&self, hidden_states: &Tensor) -> Result<Tensor> {
+    /// `tanh(dense(hidden_states[:, 0]))`: `[batch, seq, hidden]` -> `[batch, hidden]`;
+    /// `train` only matters for a LoRA adapter's dropout.
+    pub fn forward(&self, hidden_states: &Tensor, train: bool) -> Result<Tensor> {
         let cls = hidden_states.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(self.dense.forward(&cls)?.tanh()?)
+        Ok(self.dense.forward_t(&cls, train)?.tanh()?)
+    }
+}
+
+impl NamedLinears for BertPooler {
+    fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
+        self.dense.named_linears(&join_path(prefix, "dense"), out);
     }
 }
