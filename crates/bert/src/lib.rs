@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod device;
 pub mod error;

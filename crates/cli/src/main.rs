@@ -555,6 +555,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    bert::allocator::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Score(args) => score(args),

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod embeddings;
 pub mod error;
+mod kernels;
 pub mod nn;
 
 pub use config::{Config, HiddenAct, PositionEmbeddingType, ProblemType};

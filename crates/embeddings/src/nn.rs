@@ -6,7 +6,7 @@
 //! trainable variable and the input carries no graph) and a composed, differentiable path
 //! otherwise, so training sees exact gradients and inference keeps the fast kernels.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Tensor, WithDType, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::HiddenAct;
@@ -278,101 +278,16 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // candle's fused layer_norm takes the variance as E[x^2] - mean^2 in f32, which cancels
         // badly on BERT's large-offset residual streams (2e-4 off transformers on MiniLM). The
-        // kernel here is two-pass; other devices take the composed (also two-pass) path.
-        if needs_grad(&[x, &self.weight, &self.bias]) || !x.device().is_cpu() {
+        // CPU kernel is two-pass, with its own backward; other devices take the composed (also
+        // two-pass) path.
+        if !x.device().is_cpu() {
             return layer_norm_differentiable(x, &self.weight, &self.bias, self.eps);
         }
-        x.contiguous()?.apply_op3_no_bwd(
+        x.contiguous()?.apply_op3(
             &self.weight.contiguous()?,
             &self.bias.contiguous()?,
-            &TwoPassLayerNorm { eps: self.eps },
+            crate::kernels::LayerNormOp { eps: self.eps },
         )
-    }
-}
-
-/// LayerNorm on the CPU: mean, then the mean of squared deviations, accumulated in f64.
-struct TwoPassLayerNorm {
-    eps: f64,
-}
-
-impl TwoPassLayerNorm {
-    fn run<T: WithDType>(&self, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
-        let dim = weight.len();
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(dim) {
-            let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / dim as f64;
-            let variance =
-                row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / dim as f64;
-            let inv_std = 1.0 / (variance + self.eps).sqrt();
-            out.extend(row.iter().zip(weight).zip(bias).map(|((v, w), b)| {
-                T::from_f64((v.to_f64() - mean) * inv_std * w.to_f64() + b.to_f64())
-            }));
-        }
-        out
-    }
-}
-
-impl CustomOp3 for TwoPassLayerNorm {
-    fn name(&self) -> &'static str {
-        "bert-two-pass-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        weight: &CpuStorage,
-        weight_layout: &Layout,
-        bias: &CpuStorage,
-        bias_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dim = x_layout.dims().last().copied().unwrap_or(0);
-        if weight_layout.dims() != [dim] || bias_layout.dims() != [dim] {
-            candle_core::bail!(
-                "layer-norm: input {:?} with weight {:?} and bias {:?}",
-                x_layout.dims(),
-                weight_layout.dims(),
-                bias_layout.dims()
-            )
-        }
-        fn slice<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-            match layout.contiguous_offsets() {
-                Some((start, end)) => Ok(&data[start..end]),
-                None => candle_core::bail!("layer-norm: input must be contiguous"),
-            }
-        }
-        let out = match (x, weight, bias) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.run(
-                    slice(x, x_layout)?,
-                    slice(w, weight_layout)?,
-                    slice(b, bias_layout)?,
-                ))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => {
-                CpuStorage::F16(self.run(
-                    slice(x, x_layout)?,
-                    slice(w, weight_layout)?,
-                    slice(b, bias_layout)?,
-                ))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
-                CpuStorage::BF16(self.run(
-                    slice(x, x_layout)?,
-                    slice(w, weight_layout)?,
-                    slice(b, bias_layout)?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.run(
-                    slice(x, x_layout)?,
-                    slice(w, weight_layout)?,
-                    slice(b, bias_layout)?,
-                ))
-            }
-            _ => candle_core::bail!("layer-norm: input, weight and bias need one float dtype"),
-        };
-        Ok((out, x_layout.shape().clone()))
     }
 }
 
@@ -413,6 +328,37 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Attention probabilities `softmax(scale * scores + bias)` over the last dimension.
+/// `scores`: `[batch, heads, queries, keys]`; `bias`: an additive mask broadcastable to it.
+/// On the CPU, a per-sequence bias (`[batch, 1, 1, keys]`, the padding mask) and f32/f64 scores
+/// take one fused kernel with its own backward; anything else the composed ops.
+pub fn attention_probabilities(
+    scores: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (batch, _, _, keys) = scores.dims4()?;
+    let fused = scores.device().is_cpu()
+        && matches!(scores.dtype(), DType::F32 | DType::F64)
+        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, keys]);
+    if fused {
+        let bias = match bias {
+            Some(b) => b.reshape((batch, keys))?.to_dtype(scores.dtype())?,
+            None => Tensor::zeros((batch, keys), scores.dtype(), scores.device())?,
+        };
+        return scores.contiguous()?.apply_op2(
+            &bias.contiguous()?,
+            crate::kernels::AttentionSoftmaxOp { scale },
+        );
+    }
+    let scaled = (scores * scale)?;
+    let biased = match bias {
+        Some(b) => scaled.broadcast_add(&b.to_dtype(scaled.dtype())?)?,
+        None => scaled,
+    };
+    softmax_last_dim(&biased)
+}
+
 /// Inverted dropout that drops only when `train` is set (HF's `nn.Dropout` in train mode).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
@@ -443,13 +389,24 @@ impl Dropout {
             return Ok(x.clone());
         }
         let scale = 1.0 / (1.0 - self.p);
-        let keep: Vec<f32> = DROPOUT_RNG.with(|rng| {
+        let keep: Vec<bool> = DROPOUT_RNG.with(|rng| {
             let mut rng = rng.borrow_mut();
             (0..x.elem_count())
-                .map(|_| if rng.next_f32() >= self.p { scale } else { 0.0 })
+                .map(|_| rng.next_f32() >= self.p)
                 .collect()
         });
-        let mask = Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        // On the CPU one kernel applies the mask forward and backward; elsewhere a mask tensor.
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            return x.contiguous()?.apply_op1(crate::kernels::DropoutOp {
+                keep: std::sync::Arc::new(keep),
+                scale: scale as f64,
+            });
+        }
+        let mask: Vec<f32> = keep
+            .into_iter()
+            .map(|k| if k { scale } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
 }
@@ -506,6 +463,9 @@ pub fn seed_dropout(seed: u64) {
 /// Applies a `hidden_act` activation.
 pub fn activation(act: HiddenAct, x: &Tensor) -> candle_core::Result<Tensor> {
     match act {
+        HiddenAct::Gelu if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) => {
+            x.contiguous()?.apply_op1(crate::kernels::GeluErfOp)
+        }
         HiddenAct::Gelu => x.gelu_erf(),
         // candle's `gelu` is the tanh approximation, which is what both names mean.
         HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => x.gelu(),
@@ -575,6 +535,134 @@ mod tests {
         let grads = loss.backward().unwrap();
         assert!(grads.get(w.as_tensor()).is_some());
         assert!(grads.get(b.as_tensor()).is_some());
+    }
+
+    /// Every fused CPU kernel against the same function written as composed candle ops: values
+    /// and the gradients of a weighted sum (random weights, so no gradient is trivially zero),
+    /// in f64 so the comparison is tight.
+    #[test]
+    fn fused_kernels_match_composed_ops_values_and_gradients() {
+        let dev = Device::Cpu;
+        let check = |name: &str,
+                     inputs: &[&Var],
+                     fused: &dyn Fn() -> Tensor,
+                     composed: &dyn Fn() -> Tensor| {
+            let (a, b) = (fused(), composed());
+            assert!(max_abs_diff64(&a, &b) < 1e-10, "{name}: values differ");
+            let weights = Tensor::randn(0f64, 1.0, a.shape(), &dev).unwrap();
+            let ga = (a * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (b * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (i, v) in inputs.iter().enumerate() {
+                let (x, y) = (
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap(),
+                );
+                let diff = max_abs_diff64(x, y);
+                assert!(
+                    diff < 1e-9,
+                    "{name}: gradient of input {i} differs by {diff}"
+                );
+            }
+        };
+        // LayerNorm, rows with a large offset.
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f64, 2.0, (2, 3, 16), &dev).unwrap() + 50.0).unwrap(),
+        )
+        .unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f64, 0.2, 16, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f64, 0.2, 16, &dev).unwrap()).unwrap();
+        let ln = LayerNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 1e-12);
+        check(
+            "layer norm",
+            &[&x, &w, &b],
+            &|| ln.forward(x.as_tensor()).unwrap(),
+            &|| {
+                layer_norm_differentiable(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)
+                    .unwrap()
+            },
+        );
+        // Attention softmax with a padding bias on the last keys of the second sequence.
+        let scores =
+            Var::from_tensor(&Tensor::randn(0f64, 3.0, (2, 3, 4, 5), &dev).unwrap()).unwrap();
+        let bias = Tensor::new(
+            &[
+                [0f64, 0., 0., 0., 0.],
+                [0., 0., 0., f32::MIN as f64, f32::MIN as f64],
+            ],
+            &dev,
+        )
+        .unwrap()
+        .reshape((2, 1, 1, 5))
+        .unwrap();
+        check(
+            "attention softmax",
+            &[&scores],
+            &|| attention_probabilities(scores.as_tensor(), Some(&bias), 0.5).unwrap(),
+            &|| {
+                let z = (scores.as_tensor() * 0.5)
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
+                candle_nn::ops::softmax(&z, D::Minus1).unwrap()
+            },
+        );
+        // GELU: candle's own gelu_erf backward is 4e-7 off in f64 (its erf is approximate),
+        // so the gradient is checked against central differences of the forward instead.
+        let x = Var::from_tensor(&Tensor::randn(0f64, 2.0, (7, 9), &dev).unwrap()).unwrap();
+        let gelu = |t: &Tensor| activation(HiddenAct::Gelu, t).unwrap();
+        let values = gelu(x.as_tensor());
+        assert!(max_abs_diff64(&values, &x.as_tensor().gelu_erf().unwrap()) < 1e-10);
+        let grad = values.sum_all().unwrap().backward().unwrap();
+        let h = 1e-5;
+        let numeric = ((gelu(&(x.as_tensor() + h).unwrap()) - gelu(&(x.as_tensor() - h).unwrap()))
+            .unwrap()
+            / (2.0 * h))
+            .unwrap();
+        let diff = max_abs_diff64(grad.get(x.as_tensor()).unwrap(), &numeric);
+        assert!(
+            diff < 1e-8,
+            "gelu: gradient off central differences by {diff}"
+        );
+        // Dropout: the same seed draws the same mask on both paths.
+        let dropout = Dropout::new(0.3).unwrap();
+        check(
+            "dropout",
+            &[&x],
+            &|| {
+                seed_dropout(5);
+                dropout.forward(x.as_tensor(), true).unwrap()
+            },
+            &|| {
+                seed_dropout(5);
+                let kept = dropout
+                    .forward(&Tensor::ones(x.shape(), DType::F64, &dev).unwrap(), true)
+                    .unwrap();
+                (x.as_tensor() * kept).unwrap()
+            },
+        );
+    }
+
+    fn max_abs_diff64(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     #[test]

@@ -6,7 +6,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{
-    compute_dtype, join_path, softmax_last_dim, Dropout, Embedding, LayerNorm, Linear, NamedLinears,
+    attention_probabilities, compute_dtype, join_path, Dropout, Embedding, LayerNorm, Linear,
+    NamedLinears,
 };
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
@@ -80,12 +81,12 @@ impl BertSelfAttention {
             scores = (scores + self.relative_scores(table, &q, &k, seq)?)?;
         }
         // Softmax in f32 whatever the model dtype: finite masking and accurate sums.
-        let scores = (scores.to_dtype(compute_dtype(dtype))? / (self.head_dim as f64).sqrt())?;
-        let scores = match bias {
-            Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let probs = attention_probabilities(
+            &scores.to_dtype(compute_dtype(dtype))?,
+            bias,
+            1.0 / (self.head_dim as f64).sqrt(),
+        )?
+        .to_dtype(dtype)?;
         let dropped = self.dropout.forward(&probs, train)?;
         let context = dropped
             .matmul(&v)?

@@ -17,6 +17,6 @@ pub use checkpoint::{merge_adapter, write_model, Weights};
 pub use data::{epoch_batches, read_dataset, BadRows, Dataset, LabeledPair};
 pub use error::{Error, Result};
 pub use loss::Loss;
-pub use optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, clip_scale, grad_norm, linear_schedule, AdamW, AdamWConfig};
 pub use trainable::{load_trainable, Param, Trainable, TrainableClassifier};
 pub use trainer::{evaluate, head_config, predict, train, EvalMetrics, TrainConfig, TrainSummary};

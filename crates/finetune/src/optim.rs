@@ -4,8 +4,11 @@
 
 use std::collections::HashMap;
 
+use std::sync::Mutex;
+
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::trainable::Param;
@@ -38,13 +41,74 @@ impl Default for AdamWConfig {
 }
 
 /// PyTorch's `torch.optim.AdamW`, one moment pair per trained variable.
+///
+/// f32 variables on the CPU are updated by one in-place kernel per variable (decay, moments,
+/// bias-corrected step, the clipping scale folded in), with the moments in host memory; other
+/// dtypes and devices use tensor ops. Both follow PyTorch's arithmetic order.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<(String, Var, bool)>,
-    first: Vec<Tensor>,
-    second: Vec<Tensor>,
+    moments: Vec<Moments>,
     step: u64,
+}
+
+/// First and second moments of one variable.
+#[derive(Debug)]
+enum Moments {
+    /// f32 variables on the CPU: plain vectors the update kernel writes in place.
+    Host { first: Vec<f32>, second: Vec<f32> },
+    /// Anything else: f32 tensors on the variable's device.
+    Tensors { first: Tensor, second: Tensor },
+}
+
+impl Moments {
+    fn zeros(var: &Var) -> candle_core::Result<Self> {
+        if var.device().is_cpu() && var.dtype() == DType::F32 {
+            let n = var.elem_count();
+            return Ok(Self::Host {
+                first: vec![0.0; n],
+                second: vec![0.0; n],
+            });
+        }
+        let zeros = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
+        Ok(Self::Tensors {
+            first: zeros.clone(),
+            second: zeros,
+        })
+    }
+
+    fn tensors(&self, var: &Var) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Self::Host { first, second } => Ok((
+                Tensor::from_slice(first, var.shape(), var.device())?,
+                Tensor::from_slice(second, var.shape(), var.device())?,
+            )),
+            Self::Tensors { first, second } => Ok((first.clone(), second.clone())),
+        }
+    }
+
+    fn restore(&mut self, var: &Var, first: &Tensor, second: &Tensor) -> candle_core::Result<()> {
+        let check = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if t.dims() != var.dims() {
+                candle_core::bail!(
+                    "moment shape {:?} for a {:?} variable",
+                    t.dims(),
+                    var.dims()
+                )
+            }
+            t.to_dtype(DType::F32)?.to_device(var.device())
+        };
+        let (first, second) = (check(first)?, check(second)?);
+        *self = match self {
+            Self::Host { .. } => Self::Host {
+                first: first.flatten_all()?.to_vec1()?,
+                second: second.flatten_all()?.to_vec1()?,
+            },
+            Self::Tensors { .. } => Self::Tensors { first, second },
+        };
+        Ok(())
+    }
 }
 
 impl AdamW {
@@ -59,24 +123,14 @@ impl AdamW {
                 "nothing to train: every parameter is frozen".into(),
             ));
         }
-        let zeros = |v: &Var| {
-            v.as_tensor()
-                .zeros_like()
-                .and_then(|t| t.to_dtype(DType::F32))
-        };
-        let first = params
+        let moments = params
             .iter()
-            .map(|(_, v, _)| zeros(v))
-            .collect::<candle_core::Result<_>>()?;
-        let second = params
-            .iter()
-            .map(|(_, v, _)| zeros(v))
+            .map(|(_, v, _)| Moments::zeros(v))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             config,
             params,
-            first,
-            second,
+            moments,
             step: 0,
         })
     }
@@ -89,6 +143,12 @@ impl AdamW {
     /// One update with learning rate `lr` from `grads`. Parameters without a gradient (unused
     /// in this batch) are left alone, as PyTorch does.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (the clipping factor
+    /// of [`clip_scale`]), without materialising the scaled gradients.
+    pub fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -98,30 +158,55 @@ impl AdamW {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let grad = grad.to_dtype(DType::F32)?;
-            let m = ((&self.first[i] * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
-            let v = ((&self.second[i] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + c.eps)?)?;
-            let mut theta = var.as_tensor().to_dtype(DType::F32)?;
-            if *decay && c.weight_decay != 0.0 {
-                theta = (&theta * (1.0 - lr * c.weight_decay))?;
+            let decay = if *decay { c.weight_decay } else { 0.0 };
+            match &mut self.moments[i] {
+                Moments::Host { first, second } => {
+                    let kernel = AdamWKernel {
+                        first: Mutex::new(first),
+                        second: Mutex::new(second),
+                        beta1: c.beta1 as f32,
+                        beta2: c.beta2 as f32,
+                        // 1 - beta in f64 first: 1 - 0.999f32 is 1.3e-5 off 0.001.
+                        one_minus_beta1: (1.0 - c.beta1) as f32,
+                        one_minus_beta2: (1.0 - c.beta2) as f32,
+                        eps: c.eps as f32,
+                        keep: (1.0 - lr * decay) as f32,
+                        step_size: (lr / bias1) as f32,
+                        bias2_sqrt: bias2.sqrt() as f32,
+                        grad_scale: grad_scale as f32,
+                    };
+                    var.as_tensor()
+                        .inplace_op2(&grad.to_dtype(DType::F32)?.contiguous()?, &kernel)?;
+                }
+                Moments::Tensors { first, second } => {
+                    // PyTorch's order: decay, moments, bias-corrected step.
+                    let mut grad = grad.to_dtype(DType::F32)?;
+                    if grad_scale != 1.0 {
+                        grad = (grad * grad_scale)?;
+                    }
+                    let m = ((&*first * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
+                    let v = ((&*second * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
+                    let denom = ((v.sqrt()? / bias2.sqrt())? + c.eps)?;
+                    let theta = (var.as_tensor().to_dtype(DType::F32)? * (1.0 - lr * decay))?;
+                    let theta = (theta - ((&m / denom)? * (lr / bias1))?)?;
+                    var.set(&theta.to_dtype(var.dtype())?)?;
+                    *first = m;
+                    *second = v;
+                }
             }
-            let theta = (theta - (update * lr)?)?;
-            var.set(&theta.to_dtype(var.dtype())?)?;
-            self.first[i] = m;
-            self.second[i] = v;
         }
         Ok(())
     }
 
     /// The moments by `m.NAME` / `v.NAME`, for a training-state checkpoint.
-    pub fn state(&self) -> HashMap<String, Tensor> {
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut state = HashMap::new();
-        for (i, (name, _, _)) in self.params.iter().enumerate() {
-            state.insert(format!("m.{name}"), self.first[i].clone());
-            state.insert(format!("v.{name}"), self.second[i].clone());
+        for (i, (name, var, _)) in self.params.iter().enumerate() {
+            let (first, second) = self.moments[i].tensors(var)?;
+            state.insert(format!("m.{name}"), first);
+            state.insert(format!("v.{name}"), second);
         }
-        state
+        Ok(state)
     }
 
     /// Restores moments and the step count saved by [`AdamW::state`].
@@ -130,13 +215,85 @@ impl AdamW {
             let get = |key: String| {
                 state
                     .get(&key)
-                    .cloned()
                     .ok_or_else(|| Error::Setting(format!("optimizer state lacks {key}")))
             };
-            self.first[i] = get(format!("m.{name}"))?.to_device(var.device())?;
-            self.second[i] = get(format!("v.{name}"))?.to_device(var.device())?;
+            let (first, second) = (get(format!("m.{name}"))?, get(format!("v.{name}"))?);
+            self.moments[i].restore(var, first, second)?;
         }
         self.step = step;
+        Ok(())
+    }
+}
+
+/// The in-place AdamW update of one f32 variable on the CPU, PyTorch's arithmetic:
+/// `g *= scale; theta *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+/// theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+struct AdamWKernel<'a> {
+    first: Mutex<&'a mut Vec<f32>>,
+    second: Mutex<&'a mut Vec<f32>>,
+    beta1: f32,
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    keep: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    grad_scale: f32,
+}
+
+impl InplaceOp2 for AdamWKernel<'_> {
+    fn name(&self) -> &'static str {
+        "bert-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        theta: &mut CpuStorage,
+        theta_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (theta, grad) else {
+            candle_core::bail!("{}: f32 variable and gradient expected", self.name())
+        };
+        let (Some((t0, t1)), Some((g0, g1))) = (
+            theta_layout.contiguous_offsets(),
+            grad_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("{}: contiguous variable and gradient expected", self.name())
+        };
+        let (theta, grad) = (&mut theta[t0..t1], &grad[g0..g1]);
+        let mut first = self
+            .first
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut second = self
+            .second
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        if first.len() != theta.len() || grad.len() != theta.len() {
+            candle_core::bail!(
+                "{}: moments, gradient and variable sizes differ",
+                self.name()
+            )
+        }
+        const CHUNK: usize = 1 << 14;
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(first.par_chunks_mut(CHUNK))
+            .zip(second.par_chunks_mut(CHUNK))
+            .for_each(|(((theta, grad), m), v)| {
+                for j in 0..theta.len() {
+                    let g = grad[j] * self.grad_scale;
+                    theta[j] *= self.keep;
+                    m[j] = self.beta1 * m[j] + self.one_minus_beta1 * g;
+                    v[j] = self.beta2 * v[j] + self.one_minus_beta2 * g * g;
+                    let denom = v[j].sqrt() / self.bias2_sqrt + self.eps;
+                    theta[j] -= self.step_size * (m[j] / denom);
+                }
+            });
         Ok(())
     }
 }
@@ -151,21 +308,49 @@ pub fn linear_schedule(peak: f64, warmup: u64, total: u64, step: u64) -> f64 {
     peak * (remaining / total.saturating_sub(warmup).max(1) as f64).max(0.0)
 }
 
-/// Scales all gradients so their global L2 norm is at most `max_norm`
-/// (`torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
+/// The global L2 norm of the gradients of `vars` (those that have one), accumulated in f64.
+/// On the CPU it reads the gradients where they are, without temporaries.
+pub fn grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
     let mut total = 0f64;
     for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
-        }
+        let Some(g) = grads.get(var.as_tensor()) else {
+            continue;
+        };
+        let g = g.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        let offsets = layout.contiguous_offsets();
+        total += match (&*storage, offsets) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v[a..b]
+                .par_iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>(),
+            (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
+                v[a..b].par_iter().map(|&x| x * x).sum::<f64>()
+            }
+            _ => {
+                drop(storage);
+                g.to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?
+            }
+        };
     }
-    let norm = total.sqrt();
-    let scale = max_norm / (norm + 1e-6);
+    Ok(total.sqrt())
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by:
+/// `min(1, max_norm / (norm + 1e-6))`.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`
+/// (`torch.nn.utils.clip_grad_norm_`); returns the norm before clipping. The trainer instead
+/// folds the factor into [`AdamW::step_scaled`], which saves a pass over every gradient.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    let scale = clip_scale(norm, max_norm);
     if scale < 1.0 {
         for var in vars {
             if let Some(g) = grads.remove(var.as_tensor()) {
@@ -223,6 +408,76 @@ mod tests {
             let ours = var.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
             assert!((ours - theta).abs() < 1e-6, "step {t}: {ours} vs {theta}");
         }
+    }
+
+    /// The in-place CPU kernel (f32) and the tensor path (f64 variables) take the same steps,
+    /// with the clipping factor folded in, and the moments survive a state round trip.
+    #[test]
+    fn kernel_and_tensor_paths_agree_and_state_round_trips() {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f64, 1.0, (3, 5), &dev).unwrap();
+        let make = |dtype: DType| {
+            let var = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
+            let param = Param {
+                name: "w".into(),
+                var: Some(var.clone()),
+                tensor: var.as_tensor().clone(),
+                decay: true,
+                fresh: false,
+            };
+            (var, AdamW::new(&[param], AdamWConfig::default()).unwrap())
+        };
+        let (v32, mut opt32) = make(DType::F32);
+        let (v64, mut opt64) = make(DType::F64);
+        assert!(matches!(opt32.moments[0], Moments::Host { .. }));
+        assert!(matches!(opt64.moments[0], Moments::Tensors { .. }));
+        for step in 0..3 {
+            for (var, opt) in [(&v32, &mut opt32), (&v64, &mut opt64)] {
+                let loss = (var.as_tensor().sqr().unwrap() * (step + 1) as f64)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                opt.step_scaled(&loss.backward().unwrap(), 1e-2, 0.5)
+                    .unwrap();
+            }
+        }
+        let diff = (v32.as_tensor().to_dtype(DType::F64).unwrap() - v64.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-6, "paths differ by {diff}");
+
+        let state = opt32.state().unwrap();
+        let (_, mut fresh) = make(DType::F32);
+        fresh.restore(&state, opt32.steps()).unwrap();
+        let again = fresh.state().unwrap();
+        for key in ["m.w", "v.w"] {
+            let same = (&state[key] - &again[key])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "{key}");
+        }
+        let wrong = HashMap::from([
+            (
+                "m.w".to_string(),
+                Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            ),
+            (
+                "v.w".to_string(),
+                Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            ),
+        ]);
+        assert!(
+            fresh.restore(&wrong, 1).is_err(),
+            "a moment of the wrong shape is refused"
+        );
     }
 
     #[test]

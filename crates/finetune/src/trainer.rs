@@ -22,7 +22,7 @@ use crate::data::{epoch_batches, Dataset, LabeledPair};
 use crate::error::{Error, Result};
 use crate::loss::Loss;
 use crate::metrics::{binary_metrics, pearson, spearman};
-use crate::optim::{clip_grad_norm, linear_schedule, AdamW, AdamWConfig};
+use crate::optim::{clip_scale, grad_norm, linear_schedule, AdamW, AdamWConfig};
 use crate::plot::write_curve;
 use crate::trainable::{load_trainable, Trainable, TrainableClassifier};
 
@@ -430,10 +430,10 @@ pub fn train(
                 });
                 trained_pairs += pairs.len();
             }
-            let mut grads = accumulated.expect("a step has at least one batch");
-            let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)?;
+            let grads = accumulated.expect("a step has at least one batch");
+            let grad_norm = grad_norm(&grads, &vars)?;
             let lr = linear_schedule(cfg.lr, warmup, total_steps, state.step);
-            optimizer.step(&grads, lr)?;
+            optimizer.step_scaled(&grads, lr, clip_scale(grad_norm, cfg.max_grad_norm))?;
             drop(grads);
             state.step += 1;
             state.next_batch += group.len();
@@ -465,7 +465,7 @@ pub fn train(
                         save(&best_dir, &model, None)?;
                     }
                 }
-                save(&last_dir, &model, Some((&state, &optimizer.state())))?;
+                save(&last_dir, &model, Some((&state, &optimizer.state()?)))?;
             }
             if epoch_done {
                 break;
