@@ -625,3 +625,606 @@ impl CustomOp1 for DropoutOp {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Linear
+
+/// `y = x W^T + b` for a contiguous `x: [rows, in]`, `W: [out, in]`, `b: [out]`: one GEMM that
+/// accumulates onto rows pre-filled with the bias. Its backward computes only the gradients
+/// that are tracked (a frozen weight costs no `x^T dy` product), each straight into its own
+/// buffer, where the composed ops (matmul, transpose, broadcast add, reshape) allocated and
+/// zero-filled one per op.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinearOp;
+
+impl LinearOp {
+    fn forward<T: WithDType + Default + 'static>(
+        x: &[T],
+        w: &[T],
+        b: &[T],
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Vec<T> {
+        let mut y: Vec<T> = Vec::with_capacity(rows * out_dim);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 && rows * in_dim * out_dim >= 1 << 15 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the pointers cover rows x in (x), out x in (w) and rows x out (y) elements
+        // with the strides given; y does not alias x or w.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out_dim,
+                in_dim,
+                y.as_mut_ptr(),
+                1,
+                out_dim as isize,
+                true,
+                x.as_ptr(),
+                1,
+                in_dim as isize,
+                w.as_ptr(),
+                in_dim as isize,
+                1,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        y
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "bert-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (rows, in_dim) = xl.shape().dims2()?;
+        let (out_dim, w_in) = wl.shape().dims2()?;
+        if w_in != in_dim || bl.dims() != [out_dim] {
+            candle_core::bail!(
+                "{name}: x {:?}, weight {:?}, bias {:?}",
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            )
+        }
+        let out = match (x, w, b) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(Self::forward(
+                    contiguous(x, xl, name)?,
+                    contiguous(w, wl, name)?,
+                    contiguous(b, bl, name)?,
+                    rows,
+                    in_dim,
+                    out_dim,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(Self::forward(
+                    contiguous(x, xl, name)?,
+                    contiguous(w, wl, name)?,
+                    contiguous(b, bl, name)?,
+                    rows,
+                    in_dim,
+                    out_dim,
+                ))
+            }
+            _ => candle_core::bail!("{name}: x, weight and bias need one dtype, f32 or f64"),
+        };
+        Ok((out, Shape::from((rows, out_dim))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = x.track_op().then(|| grad.matmul(w)).transpose()?;
+        let dw = w.track_op().then(|| grad.t()?.matmul(x)).transpose()?;
+        let db = b.track_op().then(|| grad.sum(0)).transpose()?;
+        Ok((dx, dw, db))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-attention core
+
+/// Probabilities (and dropout mask) a forward pass keeps for its backward.
+#[derive(Debug)]
+enum SavedProbs {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// Scaled dot-product attention over all heads at once, for `q`, `k`, `v` laid out as the
+/// projections produce them (`[batch, seq, heads * head_dim]`, contiguous): per (sequence, head),
+/// `softmax(scale * q k^T + bias)`, dropout, then `@ v`, written straight into the context
+/// `[batch, seq, heads * head_dim]`. No head-split copies, no transposed copies, one task per
+/// (sequence, head) on rayon's pool, small GEMMs addressed by stride. The probabilities are kept
+/// for the backward pass (and for callers that ask for them); the backward recomputes nothing
+/// else and returns the gradients of `q`, `k` and `v`.
+#[derive(Debug)]
+pub(crate) struct AttentionOp {
+    pub heads: usize,
+    pub scale: f64,
+    /// `[batch, keys]` additive mask, shared by every head and query of a sequence.
+    pub bias: Option<Vec<f32>>,
+    /// Keep-mask over `[batch, heads, queries, keys]` and its `1 / (1 - p)` scale.
+    pub dropout: Option<(Vec<bool>, f64)>,
+    saved: SavedAttention,
+}
+
+/// A handle on the probabilities an [`AttentionOp`] keeps, shared with its caller (candle owns
+/// the op once it is applied).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SavedAttention(Arc<std::sync::Mutex<Option<SavedProbs>>>);
+
+impl SavedAttention {
+    fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Option<SavedProbs>>> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))
+    }
+
+    /// The probabilities of the op's forward pass, `[batch, heads, queries, keys]`.
+    pub fn probabilities(
+        &self,
+        shape: (usize, usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        match self.lock()?.as_ref() {
+            Some(SavedProbs::F32(p)) => Tensor::from_slice(p, shape, &candle_core::Device::Cpu),
+            Some(SavedProbs::F64(p)) => Tensor::from_slice(p, shape, &candle_core::Device::Cpu),
+            None => candle_core::bail!("attention probabilities requested before a forward pass"),
+        }
+    }
+}
+
+/// A pointer that rayon tasks may share because each writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: used only for disjoint per-task regions of one buffer (see AttentionOp).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// `dst (m x n) = lhs (m x k) @ rhs (k x n)`, every operand given by pointer and (row, column)
+/// strides; `accumulate` adds onto `dst` instead of overwriting it.
+///
+/// # Safety
+/// The pointers must cover the strided extents, and `dst` must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_gemm<T: WithDType + 'static>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: *const T,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const T,
+    rhs_rs: isize,
+    rhs_cs: isize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        T::zero(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+impl AttentionOp {
+    pub fn new(
+        heads: usize,
+        scale: f64,
+        bias: Option<Vec<f32>>,
+        dropout: Option<(Vec<bool>, f64)>,
+    ) -> (Self, SavedAttention) {
+        let saved = SavedAttention::default();
+        let op = Self {
+            heads,
+            scale,
+            bias,
+            dropout,
+            saved: saved.clone(),
+        };
+        (op, saved)
+    }
+
+    fn forward<T: Real + Default + 'static>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        batch: usize,
+        seq: usize,
+        hidden: usize,
+    ) -> (Vec<T>, Vec<T>) {
+        let heads = self.heads;
+        let d = hidden / heads;
+        let mut context = vec![T::zero(); batch * seq * hidden];
+        let mut probs = vec![T::zero(); batch * heads * seq * seq];
+        let ctx_ptr = SharedMut(context.as_mut_ptr());
+        let scale = T::from_f64(self.scale);
+        probs
+            .par_chunks_mut(seq * seq)
+            .enumerate()
+            .for_each(|(task, p)| {
+                let (b, h) = (task / heads, task % heads);
+                let base = b * seq * hidden + h * d;
+                // SAFETY: q, k (rows of stride `hidden`) and p (seq x seq) are in bounds.
+                unsafe {
+                    small_gemm(
+                        seq,
+                        seq,
+                        d,
+                        p.as_mut_ptr(),
+                        seq,
+                        q[base..].as_ptr(),
+                        hidden as isize,
+                        1,
+                        k[base..].as_ptr(),
+                        1,
+                        hidden as isize,
+                    );
+                }
+                for i in 0..seq {
+                    let row = &mut p[i * seq..(i + 1) * seq];
+                    let mut max = T::neg_infinity();
+                    for (j, s) in row.iter_mut().enumerate() {
+                        let bias = self
+                            .bias
+                            .as_ref()
+                            .map_or(T::zero(), |bias| T::from_f64(bias[b * seq + j] as f64));
+                        *s = *s * scale + bias;
+                        max = num_traits::Float::max(max, *s);
+                    }
+                    let mut sum = T::zero();
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let inv = T::one() / sum;
+                    row.iter_mut().for_each(|s| *s *= inv);
+                }
+                let dropped;
+                let weights: &[T] = match &self.dropout {
+                    Some((keep, keep_scale)) => {
+                        let keep = &keep[task * seq * seq..(task + 1) * seq * seq];
+                        let keep_scale = T::from_f64(*keep_scale);
+                        dropped = p
+                            .iter()
+                            .zip(keep)
+                            .map(|(&x, &kept)| if kept { x * keep_scale } else { T::zero() })
+                            .collect::<Vec<T>>();
+                        &dropped
+                    }
+                    None => p,
+                };
+                // SAFETY: this task alone writes context rows b, columns h*d..(h+1)*d.
+                unsafe {
+                    small_gemm(
+                        seq,
+                        d,
+                        seq,
+                        ctx_ptr.get().add(base),
+                        hidden,
+                        weights.as_ptr(),
+                        seq as isize,
+                        1,
+                        v[base..].as_ptr(),
+                        hidden as isize,
+                        1,
+                    );
+                }
+            });
+        (context, probs)
+    }
+
+    /// Gradients of `q`, `k`, `v` from that of the context, packed `[3, batch, seq, hidden]`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<T: Real + Default + 'static>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        probs: &[T],
+        dctx: &[T],
+        batch: usize,
+        seq: usize,
+        hidden: usize,
+    ) -> Vec<T> {
+        let heads = self.heads;
+        let d = hidden / heads;
+        let size = batch * seq * hidden;
+        let mut grads = vec![T::zero(); 3 * size];
+        let out = SharedMut(grads.as_mut_ptr());
+        let scale = T::from_f64(self.scale);
+        (0..batch * heads).into_par_iter().for_each(|task| {
+            let (b, h) = (task / heads, task % heads);
+            let base = b * seq * hidden + h * d;
+            let p = &probs[task * seq * seq..(task + 1) * seq * seq];
+            let mut dp = vec![T::zero(); seq * seq];
+            // dP_dropped = dctx @ v^T.
+            // SAFETY: strided reads in bounds; dp is this task's own buffer.
+            unsafe {
+                small_gemm(
+                    seq,
+                    seq,
+                    d,
+                    dp.as_mut_ptr(),
+                    seq,
+                    dctx[base..].as_ptr(),
+                    hidden as isize,
+                    1,
+                    v[base..].as_ptr(),
+                    1,
+                    hidden as isize,
+                );
+            }
+            // The weights the forward multiplied v by (dropped probabilities), and dP.
+            let weights: Vec<T> = match &self.dropout {
+                Some((keep, keep_scale)) => {
+                    let keep = &keep[task * seq * seq..(task + 1) * seq * seq];
+                    let keep_scale = T::from_f64(*keep_scale);
+                    for (g, &kept) in dp.iter_mut().zip(keep) {
+                        *g = if kept { *g * keep_scale } else { T::zero() };
+                    }
+                    p.iter()
+                        .zip(keep)
+                        .map(|(&x, &kept)| if kept { x * keep_scale } else { T::zero() })
+                        .collect()
+                }
+                None => p.to_vec(),
+            };
+            // dv = weights^T @ dctx.
+            // SAFETY: this task alone writes dv rows b, columns h*d..(h+1)*d.
+            unsafe {
+                small_gemm(
+                    seq,
+                    d,
+                    seq,
+                    out.get().add(2 * size + base),
+                    hidden,
+                    weights.as_ptr(),
+                    1,
+                    seq as isize,
+                    dctx[base..].as_ptr(),
+                    hidden as isize,
+                    1,
+                );
+            }
+            // dS = scale * P * (dP - rowsum(dP * P)), in place in dp.
+            for i in 0..seq {
+                let (prow, grow) = (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
+                let dot = prow
+                    .iter()
+                    .zip(grow.iter())
+                    .fold(T::zero(), |acc, (&a, &g)| acc + a * g);
+                for (g, &a) in grow.iter_mut().zip(prow) {
+                    *g = scale * a * (*g - dot);
+                }
+            }
+            // dq = dS @ k, dk = dS^T @ q.
+            // SAFETY: this task alone writes dq and dk rows b, columns h*d..(h+1)*d.
+            unsafe {
+                small_gemm(
+                    seq,
+                    d,
+                    seq,
+                    out.get().add(base),
+                    hidden,
+                    dp.as_ptr(),
+                    seq as isize,
+                    1,
+                    k[base..].as_ptr(),
+                    hidden as isize,
+                    1,
+                );
+                small_gemm(
+                    seq,
+                    d,
+                    seq,
+                    out.get().add(size + base),
+                    hidden,
+                    dp.as_ptr(),
+                    1,
+                    seq as isize,
+                    q[base..].as_ptr(),
+                    hidden as isize,
+                    1,
+                );
+            }
+        });
+        grads
+    }
+
+    fn check(
+        &self,
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+    ) -> candle_core::Result<(usize, usize, usize)> {
+        let (batch, seq, hidden) = q.shape().dims3()?;
+        if k.dims() != q.dims() || v.dims() != q.dims() || hidden % self.heads != 0 {
+            candle_core::bail!(
+                "bert-attention: q {:?}, k {:?}, v {:?} with {} heads",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                self.heads
+            )
+        }
+        if self.bias.as_ref().is_some_and(|b| b.len() != batch * seq)
+            || self
+                .dropout
+                .as_ref()
+                .is_some_and(|(m, _)| m.len() != batch * self.heads * seq * seq)
+        {
+            candle_core::bail!(
+                "bert-attention: bias or dropout mask does not fit {:?}",
+                q.dims()
+            )
+        }
+        Ok((batch, seq, hidden))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "bert-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (batch, seq, hidden) = self.check(ql, kl, vl)?;
+        let name = self.name();
+        let mut saved = self.saved.lock()?;
+        let out = match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (ctx, probs) = self.forward(
+                    contiguous(q, ql, name)?,
+                    contiguous(k, kl, name)?,
+                    contiguous(v, vl, name)?,
+                    batch,
+                    seq,
+                    hidden,
+                );
+                *saved = Some(SavedProbs::F32(probs));
+                CpuStorage::F32(ctx)
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                let (ctx, probs) = self.forward(
+                    contiguous(q, ql, name)?,
+                    contiguous(k, kl, name)?,
+                    contiguous(v, vl, name)?,
+                    batch,
+                    seq,
+                    hidden,
+                );
+                *saved = Some(SavedProbs::F64(probs));
+                CpuStorage::F64(ctx)
+            }
+            _ => candle_core::bail!("{name}: q, k and v need one dtype, f32 or f64"),
+        };
+        Ok((out, ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (batch, seq, hidden) = self.check(q.layout(), k.layout(), v.layout())?;
+        let grad = grad.contiguous()?;
+        let saved = self.saved.lock()?;
+        let (qs, _) = q.storage_and_layout();
+        let (ks, _) = k.storage_and_layout();
+        let (vs, _) = v.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let name = self.name();
+        use candle_core::Storage::Cpu;
+        let packed = match (&*qs, &*ks, &*vs, &*gs, saved.as_ref()) {
+            (
+                Cpu(CpuStorage::F32(qd)),
+                Cpu(CpuStorage::F32(kd)),
+                Cpu(CpuStorage::F32(vd)),
+                Cpu(CpuStorage::F32(gd)),
+                Some(SavedProbs::F32(p)),
+            ) => {
+                let grads = self.backward(
+                    contiguous(qd, q.layout(), name)?,
+                    contiguous(kd, k.layout(), name)?,
+                    contiguous(vd, v.layout(), name)?,
+                    p,
+                    contiguous(gd, gl, name)?,
+                    batch,
+                    seq,
+                    hidden,
+                );
+                Tensor::from_vec(grads, (3, batch, seq, hidden), q.device())?
+            }
+            (
+                Cpu(CpuStorage::F64(qd)),
+                Cpu(CpuStorage::F64(kd)),
+                Cpu(CpuStorage::F64(vd)),
+                Cpu(CpuStorage::F64(gd)),
+                Some(SavedProbs::F64(p)),
+            ) => {
+                let grads = self.backward(
+                    contiguous(qd, q.layout(), name)?,
+                    contiguous(kd, k.layout(), name)?,
+                    contiguous(vd, v.layout(), name)?,
+                    p,
+                    contiguous(gd, gl, name)?,
+                    batch,
+                    seq,
+                    hidden,
+                );
+                Tensor::from_vec(grads, (3, batch, seq, hidden), q.device())?
+            }
+            _ => candle_core::bail!("{name}: backward needs the forward's dtype on the CPU"),
+        };
+        let pick = |i: usize, t: &Tensor| -> candle_core::Result<Option<Tensor>> {
+            t.track_op().then(|| packed.get(i)).transpose()
+        };
+        Ok((pick(0, q)?, pick(1, k)?, pick(2, v)?))
+    }
+}

@@ -160,10 +160,19 @@ impl Linear {
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
+        let fused = x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.bias.is_some();
+        let mut y = match &self.bias {
+            // One GEMM onto the bias, with a backward that skips frozen weights.
+            Some(bias) if fused => x2.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &bias.contiguous()?,
+                crate::kernels::LinearOp,
+            )?,
+            Some(bias) => x2.matmul(&self.weight.t()?)?.broadcast_add(bias)?,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         if let Some(adapter) = &self.adapter {
             let dropped = adapter.dropout.forward(&x2, train)?;
             let low_rank = dropped.matmul(&adapter.a.t()?)?.matmul(&adapter.b.t()?)?;
@@ -389,12 +398,7 @@ impl Dropout {
             return Ok(x.clone());
         }
         let scale = 1.0 / (1.0 - self.p);
-        let keep: Vec<bool> = DROPOUT_RNG.with(|rng| {
-            let mut rng = rng.borrow_mut();
-            (0..x.elem_count())
-                .map(|_| rng.next_f32() >= self.p)
-                .collect()
-        });
+        let keep = self.draw_keep(x.elem_count());
         // On the CPU one kernel applies the mask forward and backward; elsewhere a mask tensor.
         if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
             return x.contiguous()?.apply_op1(crate::kernels::DropoutOp {
@@ -409,6 +413,63 @@ impl Dropout {
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
+}
+
+impl Dropout {
+    /// `n` keep flags from this thread's seeded dropout stream (true with probability `1 - p`).
+    fn draw_keep(&self, n: usize) -> Vec<bool> {
+        DROPOUT_RNG.with(|rng| {
+            let mut rng = rng.borrow_mut();
+            (0..n).map(|_| rng.next_f32() >= self.p).collect()
+        })
+    }
+}
+
+/// Multi-head attention of `[batch, seq, heads * head_dim]` projections `q`, `k`, `v`:
+/// `dropout(softmax(scale * q k^T + bias)) v` per head, returned as the context
+/// `[batch, seq, heads * head_dim]` and, with `want_probs`, the probabilities
+/// `[batch, heads, seq, seq]` (before dropout). `dropout` is given in training only. One fused CPU kernel with its own backward
+/// (see `kernels::AttentionOp`); `None` when it does not apply (another device or dtype, or a
+/// bias that is not one `[batch, 1, 1, seq]` row per sequence), so the caller composes ops.
+pub fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    dropout: Option<&Dropout>,
+    want_probs: bool,
+) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+    let (batch, seq, hidden) = q.dims3()?;
+    let applies = q.device().is_cpu()
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && heads > 0
+        && hidden % heads == 0
+        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, seq]);
+    if !applies {
+        return Ok(None);
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    let dropout = dropout.filter(|d| d.p > 0.0).map(|d| {
+        (
+            d.draw_keep(batch * heads * seq * seq),
+            // The factor Dropout::forward uses (computed in f32), so both paths agree exactly.
+            (1.0 / (1.0 - d.p)) as f64,
+        )
+    });
+    let scale = 1.0 / ((hidden / heads) as f64).sqrt();
+    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, dropout);
+    let context = q
+        .contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    let probs = want_probs
+        .then(|| saved.probabilities((batch, heads, seq, seq)))
+        .transpose()?
+        .map(|p| p.to_device(q.device()))
+        .transpose()?;
+    Ok(Some((context, probs)))
 }
 
 /// SplitMix64: a small, fast, well-mixed generator whose whole state is one `u64`, so runs that
@@ -548,7 +609,8 @@ mod tests {
                      fused: &dyn Fn() -> Tensor,
                      composed: &dyn Fn() -> Tensor| {
             let (a, b) = (fused(), composed());
-            assert!(max_abs_diff64(&a, &b) < 1e-10, "{name}: values differ");
+            let d = max_abs_diff64(&a, &b);
+            assert!(d < 1e-10, "{name}: values differ by {d}\n{a}\n{b}");
             let weights = Tensor::randn(0f64, 1.0, a.shape(), &dev).unwrap();
             let ga = (a * &weights)
                 .unwrap()
@@ -588,6 +650,98 @@ mod tests {
             &|| ln.forward(x.as_tensor()).unwrap(),
             &|| {
                 layer_norm_differentiable(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)
+                    .unwrap()
+            },
+        );
+        // Linear: one GEMM onto the bias against matmul + broadcast add.
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 6), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 6), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, 4, &dev).unwrap()).unwrap();
+        let linear = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        check(
+            "linear",
+            &[&x, &w, &b],
+            &|| linear.forward(x.as_tensor()).unwrap(),
+            &|| {
+                x.as_tensor()
+                    .broadcast_matmul(&w.as_tensor().t().unwrap())
+                    .unwrap()
+                    .broadcast_add(b.as_tensor())
+                    .unwrap()
+            },
+        );
+        // The fused attention core against split heads, matmuls, softmax and dropout.
+        let (batch, seq, heads, head_dim) = (2, 5, 2, 3);
+        let qkv: Vec<Var> = (0..3)
+            .map(|_| {
+                Var::from_tensor(
+                    &Tensor::randn(0f64, 1.0, (batch, seq, heads * head_dim), &dev).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let padding = Tensor::new(
+            &[
+                [0f64, 0., 0., 0., 0.],
+                [0., 0., 0., f32::MIN as f64, f32::MIN as f64],
+            ],
+            &dev,
+        )
+        .unwrap()
+        .reshape((batch, 1, 1, seq))
+        .unwrap();
+        let attention_dropout = Dropout::new(0.2).unwrap();
+        let split = |t: &Tensor| {
+            t.reshape((batch, seq, heads, head_dim))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        check(
+            "attention",
+            &[&qkv[0], &qkv[1], &qkv[2]],
+            &|| {
+                seed_dropout(9);
+                let (t, _) = fused_attention(
+                    qkv[0].as_tensor(),
+                    qkv[1].as_tensor(),
+                    qkv[2].as_tensor(),
+                    heads,
+                    Some(&padding),
+                    Some(&attention_dropout),
+                    false,
+                )
+                .unwrap()
+                .unwrap();
+                t
+            },
+            &|| {
+                seed_dropout(9);
+                let (q, k, v) = (
+                    split(qkv[0].as_tensor()),
+                    split(qkv[1].as_tensor()),
+                    split(qkv[2].as_tensor()),
+                );
+                let scores = (q.matmul(&k.t().unwrap()).unwrap() / (head_dim as f64).sqrt())
+                    .unwrap()
+                    .broadcast_add(&padding)
+                    .unwrap();
+                let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+                let mask = attention_dropout
+                    .forward(
+                        &Tensor::ones(probs.shape(), DType::F64, &dev).unwrap(),
+                        true,
+                    )
+                    .unwrap();
+                (probs * mask)
+                    .unwrap()
+                    .matmul(&v)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((batch, seq, heads * head_dim))
                     .unwrap()
             },
         );

@@ -6,8 +6,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{
-    attention_probabilities, compute_dtype, join_path, Dropout, Embedding, LayerNorm, Linear,
-    NamedLinears,
+    attention_probabilities, compute_dtype, fused_attention, join_path, Dropout, Embedding,
+    LayerNorm, Linear, NamedLinears,
 };
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
@@ -63,19 +63,38 @@ impl BertSelfAttention {
 
     /// Attention of `hidden_states` (`[batch, seq, hidden]`) with an additive f32 `bias`
     /// broadcastable to `[batch, heads, seq, seq]`. Returns the context `[batch, seq, hidden]`
-    /// and the attention probabilities `[batch, heads, seq, seq]`.
+    /// and, with `want_probs`, the attention probabilities `[batch, heads, seq, seq]`.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
-    ) -> Result<(Tensor, Tensor)> {
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (batch, seq, hidden) = hidden_states.dims3()?;
         let dtype = hidden_states.dtype();
-        let q = self.split_heads(&self.query.forward_t(hidden_states, train)?)?;
-        let k = self.split_heads(&self.key.forward_t(hidden_states, train)?)?;
-        let v = self.split_heads(&self.value.forward_t(hidden_states, train)?)?;
-
+        let q = self.query.forward_t(hidden_states, train)?;
+        let k = self.key.forward_t(hidden_states, train)?;
+        let v = self.value.forward_t(hidden_states, train)?;
+        if self.distance_embedding.is_none() {
+            let fused = fused_attention(
+                &q,
+                &k,
+                &v,
+                self.num_heads,
+                bias,
+                train.then_some(&self.dropout),
+                want_probs,
+            )?;
+            if let Some((context, probs)) = fused {
+                return Ok((context, probs));
+            }
+        }
+        let (q, k, v) = (
+            self.split_heads(&q)?,
+            self.split_heads(&k)?,
+            self.split_heads(&v)?,
+        );
         let mut scores = q.matmul(&k.t()?)?;
         if let Some(table) = &self.distance_embedding {
             scores = (scores + self.relative_scores(table, &q, &k, seq)?)?;
@@ -92,7 +111,7 @@ impl BertSelfAttention {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((batch, seq, hidden))?;
-        Ok((context, probs))
+        Ok((context, want_probs.then_some(probs)))
     }
 
     /// Scores from the distance table: `einsum("bhld,lrd->bhlr", q, P)` for `relative_key`,
@@ -198,14 +217,17 @@ impl BertAttention {
         })
     }
 
-    /// Returns the block's output and the attention probabilities.
+    /// Returns the block's output and, with `want_probs`, the attention probabilities.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
-    ) -> Result<(Tensor, Tensor)> {
-        let (context, probs) = self.self_attention.forward(hidden_states, bias, train)?;
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (context, probs) =
+            self.self_attention
+                .forward(hidden_states, bias, train, want_probs)?;
         Ok((self.output.forward(&context, hidden_states, train)?, probs))
     }
 }

@@ -98,8 +98,13 @@ impl BertEncoder {
             if let Some(all) = all_hidden.as_mut() {
                 all.push(hidden.clone());
             }
-            let (next, probs) = layer.forward(&hidden, bias.as_ref(), options.train)?;
-            if let Some(all) = all_attentions.as_mut() {
+            let (next, probs) = layer.forward(
+                &hidden,
+                bias.as_ref(),
+                options.train,
+                options.output_attentions,
+            )?;
+            if let (Some(all), Some(probs)) = (all_attentions.as_mut(), probs) {
                 all.push(probs);
             }
             hidden = next;

@@ -27,14 +27,17 @@ impl BertLayer {
         })
     }
 
-    /// Returns the layer's output and its attention probabilities.
+    /// Returns the layer's output and, with `want_probs`, its attention probabilities.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
         bias: Option<&Tensor>,
         train: bool,
-    ) -> Result<(Tensor, Tensor)> {
-        let (attended, probs) = self.attention.forward(hidden_states, bias, train)?;
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (attended, probs) = self
+            .attention
+            .forward(hidden_states, bias, train, want_probs)?;
         let intermediate = self.intermediate.forward(&attended, train)?;
         Ok((self.output.forward(&intermediate, &attended, train)?, probs))
     }
