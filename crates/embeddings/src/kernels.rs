@@ -629,16 +629,21 @@ impl CustomOp1 for DropoutOp {
 // ---------------------------------------------------------------------------------------------
 // Linear
 
-/// `y = x W^T + b` for a contiguous `x: [rows, in]`, `W: [out, in]`, `b: [out]`: one GEMM that
-/// accumulates onto rows pre-filled with the bias. Its backward computes only the gradients
-/// that are tracked (a frozen weight costs no `x^T dy` product), each straight into its own
-/// buffer, where the composed ops (matmul, transpose, broadcast add, reshape) allocated and
-/// zero-filled one per op.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LinearOp;
+/// `y = dropout(x W^T + b)` for a contiguous `x: [.., in]`, `W: [out, in]`, `b: [out]`: one
+/// GEMM that accumulates onto rows pre-filled with the bias, then the optional dropout mask,
+/// with the leading dimensions kept (no reshape nodes in the graph). Its backward computes
+/// only the gradients that are tracked (a frozen weight costs no `x^T dy` product), each
+/// straight into its own buffer, where the composed ops (reshape, matmul, transpose, broadcast
+/// add, dropout multiply) allocated and zero-filled one per op.
+#[derive(Debug, Clone)]
+pub(crate) struct LinearOp {
+    /// Keep-mask over the output and its `1 / (1 - p)` scale, in training.
+    pub dropout: Option<(Arc<Vec<bool>>, f64)>,
+}
 
 impl LinearOp {
-    fn forward<T: WithDType + Default + 'static>(
+    fn forward<T: Real + Default + 'static>(
+        &self,
         x: &[T],
         w: &[T],
         b: &[T],
@@ -681,7 +686,60 @@ impl LinearOp {
                 parallelism,
             );
         }
+        if let Some((keep, scale)) = &self.dropout {
+            let scale = T::from_f64(*scale);
+            y.par_iter_mut()
+                .zip(keep.par_iter())
+                .for_each(|(v, &kept)| {
+                    *v = if kept { *v * scale } else { T::zero() };
+                });
+        }
         y
+    }
+}
+
+/// Sums the rows of a contiguous `[rows, cols]` block: per-thread partial sums over row
+/// ranges, then added (candle's `sum(0)` walks the columns with a stride).
+fn column_sums<T: Real + Default>(x: &[T], cols: usize) -> Vec<T> {
+    let rows = x.len() / cols.max(1);
+    (0..rows)
+        .into_par_iter()
+        .with_min_len(64)
+        .fold(
+            || vec![T::zero(); cols],
+            |mut acc, r| {
+                for (a, &v) in acc.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                    *a += v;
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![T::zero(); cols],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
+                a
+            },
+        )
+}
+
+/// The bias gradient of [`LinearOp`]: column sums of `dy` viewed as `[rows, out]`.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "bert-column-sums"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let cols = xl.dims().last().copied().unwrap_or(0);
+        let name = self.name();
+        let out = match x {
+            CpuStorage::F32(x) => CpuStorage::F32(column_sums(contiguous(x, xl, name)?, cols)),
+            CpuStorage::F64(x) => CpuStorage::F64(column_sums(contiguous(x, xl, name)?, cols)),
+            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from(cols)))
     }
 }
 
@@ -700,9 +758,10 @@ impl CustomOp3 for LinearOp {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (rows, in_dim) = xl.shape().dims2()?;
+        let in_dim = xl.dims().last().copied().unwrap_or(0);
+        let rows = xl.shape().elem_count() / in_dim.max(1);
         let (out_dim, w_in) = wl.shape().dims2()?;
-        if w_in != in_dim || bl.dims() != [out_dim] {
+        if w_in != in_dim || bl.dims() != [out_dim] || xl.dims().is_empty() {
             candle_core::bail!(
                 "{name}: x {:?}, weight {:?}, bias {:?}",
                 xl.dims(),
@@ -712,7 +771,7 @@ impl CustomOp3 for LinearOp {
         }
         let out = match (x, w, b) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(Self::forward(
+                CpuStorage::F32(self.forward(
                     contiguous(x, xl, name)?,
                     contiguous(w, wl, name)?,
                     contiguous(b, bl, name)?,
@@ -722,7 +781,7 @@ impl CustomOp3 for LinearOp {
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(Self::forward(
+                CpuStorage::F64(self.forward(
                     contiguous(x, xl, name)?,
                     contiguous(w, wl, name)?,
                     contiguous(b, bl, name)?,
@@ -733,7 +792,11 @@ impl CustomOp3 for LinearOp {
             }
             _ => candle_core::bail!("{name}: x, weight and bias need one dtype, f32 or f64"),
         };
-        Ok((out, Shape::from((rows, out_dim))))
+        let mut dims = xl.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        Ok((out, Shape::from(dims)))
     }
 
     fn bwd(
@@ -744,9 +807,29 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = x.track_op().then(|| grad.matmul(w)).transpose()?;
-        let dw = w.track_op().then(|| grad.t()?.matmul(x)).transpose()?;
-        let db = b.track_op().then(|| grad.sum(0)).transpose()?;
+        let (out_dim, in_dim) = w.dims2()?;
+        let rows = x.elem_count() / in_dim.max(1);
+        // Through the dropout mask first, then as a plain [rows, out] gradient.
+        let grad = match &self.dropout {
+            Some((keep, scale)) => grad.contiguous()?.apply_op1_no_bwd(&DropoutOp {
+                keep: keep.clone(),
+                scale: *scale,
+            })?,
+            None => grad.contiguous()?,
+        };
+        let grad = grad.reshape((rows, out_dim))?;
+        let dx = x
+            .track_op()
+            .then(|| grad.matmul(w)?.reshape(x.shape()))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| grad.t()?.matmul(&x.reshape((rows, in_dim))?))
+            .transpose()?;
+        let db = b
+            .track_op()
+            .then(|| grad.apply_op1_no_bwd(&ColumnSums))
+            .transpose()?;
         Ok((dx, dw, db))
     }
 }

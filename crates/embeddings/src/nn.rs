@@ -154,25 +154,47 @@ impl Linear {
 
     /// The layer's output; `train` turns the adapter's dropout on.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        // Fold every leading dimension into the rows so the product is one GEMM instead of a
-        // batch of small ones against a broadcast weight.
+        self.forward_dropout(x, None, train)
+    }
+
+    /// `dropout(linear(x))`, the projection-then-dropout of BERT's output blocks; `dropout`
+    /// acts only when `train` is set. On the CPU (f32/f64, with a bias and no adapter) this is
+    /// one kernel, forward and backward.
+    pub fn forward_dropout(
+        &self,
+        x: &Tensor,
+        dropout: Option<&Dropout>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let dropout = dropout.filter(|d| train && d.p > 0.0);
         let dims = x.dims();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
+        if let Some(bias) = &self.bias {
+            let fused = x.device().is_cpu()
+                && matches!(x.dtype(), DType::F32 | DType::F64)
+                && self.adapter.is_none();
+            if fused {
+                let dropout = dropout.map(|d| {
+                    (
+                        std::sync::Arc::new(d.draw_keep(rows * self.out_dim())),
+                        (1.0 / (1.0 - d.p)) as f64,
+                    )
+                });
+                return x.contiguous()?.apply_op3(
+                    &self.weight.contiguous()?,
+                    &bias.contiguous()?,
+                    crate::kernels::LinearOp { dropout },
+                );
+            }
+        }
+        // Fold every leading dimension into the rows so the product is one GEMM instead of a
+        // batch of small ones against a broadcast weight.
         let x2 = x.reshape((rows, in_dim))?;
-        let fused = x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-            && self.bias.is_some();
-        let mut y = match &self.bias {
-            // One GEMM onto the bias, with a backward that skips frozen weights.
-            Some(bias) if fused => x2.contiguous()?.apply_op3(
-                &self.weight.contiguous()?,
-                &bias.contiguous()?,
-                crate::kernels::LinearOp,
-            )?,
-            Some(bias) => x2.matmul(&self.weight.t()?)?.broadcast_add(bias)?,
-            None => x2.matmul(&self.weight.t()?)?,
-        };
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
         if let Some(adapter) = &self.adapter {
             let dropped = adapter.dropout.forward(&x2, train)?;
             let low_rank = dropped.matmul(&adapter.a.t()?)?.matmul(&adapter.b.t()?)?;
@@ -182,7 +204,11 @@ impl Linear {
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim();
         }
-        y.reshape(out_dims)
+        let y = y.reshape(out_dims)?;
+        match dropout {
+            Some(d) => d.forward(&y, train),
+            None => Ok(y),
+        }
     }
 }
 
@@ -668,6 +694,31 @@ mod tests {
                     .unwrap()
                     .broadcast_add(b.as_tensor())
                     .unwrap()
+            },
+        );
+        // Linear then dropout as one kernel, against the layer and a dropout op.
+        let output_dropout = Dropout::new(0.25).unwrap();
+        check(
+            "linear + dropout",
+            &[&x, &w, &b],
+            &|| {
+                seed_dropout(4);
+                linear
+                    .forward_dropout(x.as_tensor(), Some(&output_dropout), true)
+                    .unwrap()
+            },
+            &|| {
+                seed_dropout(4);
+                let y = x
+                    .as_tensor()
+                    .broadcast_matmul(&w.as_tensor().t().unwrap())
+                    .unwrap()
+                    .broadcast_add(b.as_tensor())
+                    .unwrap();
+                let mask = output_dropout
+                    .forward(&Tensor::ones(y.shape(), DType::F64, &dev).unwrap(), true)
+                    .unwrap();
+                (y * mask).unwrap()
             },
         );
         // The fused attention core against split heads, matmuls, softmax and dropout.

@@ -189,8 +189,8 @@ impl BertSelfOutput {
     /// `LayerNorm(dropout(dense(context)) + residual)`.
     pub fn forward(&self, context: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         let projected = self
-            .dropout
-            .forward(&self.dense.forward_t(context, train)?, train)?;
+            .dense
+            .forward_dropout(context, Some(&self.dropout), train)?;
         Ok(self.layer_norm.forward(&(projected + residual)?)?)
     }
 }

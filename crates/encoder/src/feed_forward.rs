@@ -60,8 +60,8 @@ impl BertOutput {
     /// `LayerNorm(dropout(dense(intermediate)) + residual)`.
     pub fn forward(&self, intermediate: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         let projected = self
-            .dropout
-            .forward(&self.dense.forward_t(intermediate, train)?, train)?;
+            .dense
+            .forward_dropout(intermediate, Some(&self.dropout), train)?;
         Ok(self.layer_norm.forward(&(projected + residual)?)?)
     }
 }
