@@ -170,41 +170,55 @@ impl Linear {
         let dims = x.dims();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
-        if let Some(bias) = &self.bias {
-            let fused = x.device().is_cpu()
-                && matches!(x.dtype(), DType::F32 | DType::F64)
-                && self.adapter.is_none();
-            if fused {
-                let dropout = dropout.map(|d| {
-                    (
-                        std::sync::Arc::new(d.draw_keep(rows * self.out_dim())),
-                        (1.0 / (1.0 - d.p)) as f64,
-                    )
-                });
-                return x.contiguous()?.apply_op3(
-                    &self.weight.contiguous()?,
-                    &bias.contiguous()?,
-                    crate::kernels::LinearOp { dropout },
-                );
-            }
-        }
-        // Fold every leading dimension into the rows so the product is one GEMM instead of a
-        // batch of small ones against a broadcast weight.
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        if let Some(adapter) = &self.adapter {
-            let dropped = adapter.dropout.forward(&x2, train)?;
-            let low_rank = dropped.matmul(&adapter.a.t()?)?.matmul(&adapter.b.t()?)?;
-            y = (y + (low_rank * adapter.scaling)?)?;
-        }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim();
         }
-        let y = y.reshape(out_dims)?;
+        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        let y = match &self.bias {
+            Some(bias) if fused => {
+                // With an adapter, its update joins before the dropout, so the kernel only
+                // computes the (frozen) base product.
+                let kernel_dropout = match (&self.adapter, dropout) {
+                    (None, Some(d)) => Some((
+                        std::sync::Arc::new(d.draw_keep(rows * self.out_dim())),
+                        (1.0 / (1.0 - d.p)) as f64,
+                    )),
+                    _ => None,
+                };
+                let y = x.contiguous()?.apply_op3(
+                    &self.weight.contiguous()?,
+                    &bias.contiguous()?,
+                    crate::kernels::LinearOp {
+                        dropout: kernel_dropout,
+                    },
+                )?;
+                if self.adapter.is_none() {
+                    return Ok(y);
+                }
+                y
+            }
+            // Fold every leading dimension into the rows so the product is one GEMM instead of
+            // a batch of small ones against a broadcast weight.
+            Some(bias) => x
+                .reshape((rows, in_dim))?
+                .matmul(&self.weight.t()?)?
+                .broadcast_add(bias)?
+                .reshape(out_dims.as_slice())?,
+            None => x
+                .reshape((rows, in_dim))?
+                .matmul(&self.weight.t()?)?
+                .reshape(out_dims.as_slice())?,
+        };
+        let y = match &self.adapter {
+            Some(adapter) => {
+                let x2 = x.reshape((rows, in_dim))?;
+                let dropped = adapter.dropout.forward(&x2, train)?;
+                let low_rank = dropped.matmul(&adapter.a.t()?)?.matmul(&adapter.b.t()?)?;
+                (y + (low_rank * adapter.scaling)?.reshape(out_dims.as_slice())?)?
+            }
+            None => y,
+        };
         match dropout {
             Some(d) => d.forward(&y, train),
             None => Ok(y),
