@@ -247,6 +247,13 @@ fn bad_inputs_are_typed_errors_not_panics() {
         .unwrap_err()
         .to_string()
         .contains("integer dtype"));
+    // Empty batches and empty sequences never reach a kernel that would divide by them.
+    for shape in [(0usize, 3usize), (2, 0)] {
+        let empty = Tensor::zeros(shape, DType::U32, &Device::Cpu).unwrap();
+        if let Ok(out) = run(&empty) {
+            assert_eq!(out.last_hidden_state.dims(), &[shape.0, shape.1, 32]);
+        }
+    }
 }
 
 #[test]

@@ -17,8 +17,8 @@ use bert::{
 };
 use bert::{BertTokenizer, DType, TokenizeOptions};
 use bert_finetune::{
-    evaluate, head_config, merge_adapter, read_dataset, train, BadRows, Dataset, Loss, TrainConfig,
-    Trainable,
+    evaluate, head_config, merge_adapter, read_dataset, train, BadRows, Batching, Dataset, Loss,
+    TrainConfig, Trainable,
 };
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -129,6 +129,10 @@ struct FinetuneArgs {
     /// Continue from OUT/last exactly where it stopped.
     #[arg(long)]
     resume: bool,
+    /// Draw batches as a uniform shuffle (as CrossEncoder.fit's DataLoader does) instead of
+    /// grouping pairs of similar length (less padding, faster).
+    #[arg(long)]
+    uniform_batches: bool,
     /// skip or fail on unusable rows.
     #[arg(long, default_value = "fail")]
     bad_rows: String,
@@ -210,6 +214,11 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         eval_steps: args.eval_steps,
         max_length: args.max_length,
+        batching: if args.uniform_batches {
+            Batching::Uniform
+        } else {
+            Batching::LengthBuckets
+        },
         trainable: trainable_of(&args)?,
         num_labels: args.num_labels,
         dtype,

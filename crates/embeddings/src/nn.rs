@@ -1,10 +1,12 @@
-//! Building blocks shared by every BERT module: linear, embedding, LayerNorm, dropout,
-//! activations and softmax.
+//! Building blocks shared by every BERT module: linear (with LoRA adapters), embedding,
+//! LayerNorm, dropout, activations, softmax and the attention core.
 //!
-//! candle's fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record no gradient.
-//! Each block here takes the fused kernel only when nothing needs a gradient (no weight is a
-//! trainable variable and the input carries no graph) and a composed, differentiable path
-//! otherwise, so training sees exact gradients and inference keeps the fast kernels.
+//! candle's fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record no gradient,
+//! and its autograd over composed ops is slow on BERT's large activations. On the CPU (f32/f64)
+//! the blocks here run this crate's kernels (`kernels.rs`), each with a hand-written backward,
+//! in training and inference alike; on other devices and dtypes they compose candle ops, every
+//! one of which has a backward. The unit tests hold both paths to the same values and
+//! gradients.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -483,6 +485,8 @@ pub fn fused_attention(
     let (batch, seq, hidden) = q.dims3()?;
     let applies = q.device().is_cpu()
         && matches!(q.dtype(), DType::F32 | DType::F64)
+        && batch > 0
+        && seq > 0
         && heads > 0
         && hidden % heads == 0
         && bias.is_none_or(|b| b.dims() == [batch, 1, 1, seq]);

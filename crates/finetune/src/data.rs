@@ -125,19 +125,34 @@ pub fn read_dataset(
     Ok(dataset)
 }
 
-/// The training batches of one epoch: a seeded shuffle, then length buckets (groups of 50
-/// batches sorted by length, so each batch pads little), then the batch order shuffled again.
-/// Depends only on `(seed, epoch)`, so a resumed run sees the same batches.
+/// How an epoch's pairs are grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Batching {
+    /// Groups of 50 batches sorted by length, so each batch pads little (faster).
+    #[default]
+    LengthBuckets,
+    /// A plain seeded shuffle, as a PyTorch `DataLoader(shuffle=True)` (and so
+    /// `CrossEncoder.fit`) draws batches: every batch a uniform sample.
+    Uniform,
+}
+
+/// The training batches of one epoch: a seeded shuffle, then (with
+/// [`Batching::LengthBuckets`]) length buckets and the batch order shuffled again. Depends only
+/// on `(seed, epoch)`, so a resumed run sees the same batches.
 pub fn epoch_batches(
     lengths: &[usize],
     batch_size: usize,
     seed: u64,
     epoch: u64,
+    batching: Batching,
 ) -> Vec<Vec<usize>> {
     let batch_size = batch_size.max(1);
     let mut rng = SplitMix64(seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     shuffle(&mut order, &mut rng);
+    if batching == Batching::Uniform {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
     let mut batches = Vec::new();
     for group in order.chunks(batch_size * 50) {
         let mut group = group.to_vec();
@@ -161,14 +176,51 @@ mod tests {
     #[test]
     fn batches_cover_everything_once_and_follow_the_seed() {
         let lengths: Vec<usize> = (0..103).map(|i| (i * 37) % 50 + 3).collect();
-        let a = epoch_batches(&lengths, 16, 1, 0);
+        let a = epoch_batches(&lengths, 16, 1, 0, Batching::LengthBuckets);
         let mut seen: Vec<usize> = a.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, (0..103).collect::<Vec<_>>());
         assert!(a.iter().all(|b| b.len() <= 16));
-        assert_eq!(a, epoch_batches(&lengths, 16, 1, 0));
-        assert_ne!(a, epoch_batches(&lengths, 16, 1, 1));
-        assert_ne!(a, epoch_batches(&lengths, 16, 2, 0));
+        assert_eq!(
+            a,
+            epoch_batches(&lengths, 16, 1, 0, Batching::LengthBuckets)
+        );
+        assert_ne!(
+            a,
+            epoch_batches(&lengths, 16, 1, 1, Batching::LengthBuckets)
+        );
+        assert_ne!(
+            a,
+            epoch_batches(&lengths, 16, 2, 0, Batching::LengthBuckets)
+        );
+    }
+
+    #[test]
+    fn uniform_batches_cover_everything_in_shuffled_order() {
+        let lengths: Vec<usize> = (0..103).map(|i| (i * 37) % 50 + 3).collect();
+        let uniform = epoch_batches(&lengths, 16, 1, 0, Batching::Uniform);
+        let mut seen: Vec<usize> = uniform.iter().flatten().copied().collect();
+        assert_ne!(seen, (0..103).collect::<Vec<_>>(), "shuffled");
+        seen.sort();
+        assert_eq!(seen, (0..103).collect::<Vec<_>>());
+        assert_eq!(uniform.len(), 7);
+        assert!(uniform[..6].iter().all(|b| b.len() == 16));
+        assert_eq!(
+            uniform,
+            epoch_batches(&lengths, 16, 1, 0, Batching::Uniform)
+        );
+        // Buckets pad less: the spread of lengths within a batch is smaller.
+        let spread = |batches: &[Vec<usize>]| -> usize {
+            batches
+                .iter()
+                .map(|b| {
+                    let l: Vec<usize> = b.iter().map(|&i| lengths[i]).collect();
+                    l.iter().max().unwrap() - l.iter().min().unwrap()
+                })
+                .sum()
+        };
+        let buckets = epoch_batches(&lengths, 16, 1, 0, Batching::LengthBuckets);
+        assert!(spread(&buckets) < spread(&uniform));
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod trainable;
 pub mod trainer;
 
 pub use checkpoint::{merge_adapter, write_model, Weights};
-pub use data::{epoch_batches, read_dataset, BadRows, Dataset, LabeledPair};
+pub use data::{epoch_batches, read_dataset, BadRows, Batching, Dataset, LabeledPair};
 pub use error::{Error, Result};
 pub use loss::Loss;
 pub use optim::{clip_grad_norm, clip_scale, grad_norm, linear_schedule, AdamW, AdamWConfig};

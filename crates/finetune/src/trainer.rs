@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::checkpoint::{
     read_state, remove_stale_staging, resumable, write_model, TrainingState, Weights,
 };
-use crate::data::{epoch_batches, Dataset, LabeledPair};
+use crate::data::{epoch_batches, Batching, Dataset, LabeledPair};
 use crate::error::{Error, Result};
 use crate::loss::Loss;
 use crate::metrics::{binary_metrics, pearson, spearman};
@@ -49,6 +49,8 @@ pub struct TrainConfig {
     pub eval_steps: Option<u64>,
     /// Token limit per pair.
     pub max_length: Option<usize>,
+    /// How pairs are grouped into batches.
+    pub batching: Batching,
     /// Which text of a pair is shortened.
     pub truncation: Truncation,
     /// Which weights train (all, the head, or LoRA adapters; an adapter's
@@ -77,6 +79,7 @@ impl Default for TrainConfig {
             seed: 42,
             eval_steps: None,
             max_length: None,
+            batching: Batching::LengthBuckets,
             truncation: Truncation::LongestFirst,
             trainable: Trainable::All,
             num_labels: 1,
@@ -390,7 +393,13 @@ pub fn train(
     };
 
     while state.epoch < cfg.epochs {
-        let batches = epoch_batches(&encoded_lengths, cfg.batch_size, cfg.seed, state.epoch);
+        let batches = epoch_batches(
+            &encoded_lengths,
+            cfg.batch_size,
+            cfg.seed,
+            state.epoch,
+            cfg.batching,
+        );
         while state.next_batch < batches.len() {
             let started = Instant::now();
             let group: Vec<&Vec<usize>> = batches[state.next_batch..]
