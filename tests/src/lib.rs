@@ -119,3 +119,15 @@ pub fn real_tokens(states: &Tensor, attention_mask: &Tensor) -> Tensor {
         .expect("mask converts");
     states.broadcast_mul(&mask).expect("mask matches states")
 }
+
+/// Asserts a gradient matches a reference within 1e-4 of the reference's largest magnitude,
+/// plus 1e-9 absolute for gradients that are zero in exact arithmetic (both sides then hold
+/// only roundoff).
+pub fn assert_gradient_close(name: &str, ours: &Tensor, expected: &Tensor) {
+    let scale = max_abs_diff(expected, &expected.zeros_like().unwrap()).max(1e-12);
+    let diff = max_abs_diff(ours, expected);
+    assert!(
+        diff <= 1e-4 * scale + 1e-9,
+        "{name}: max abs diff {diff:e} (max |grad| {scale:e})"
+    );
+}

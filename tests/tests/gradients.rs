@@ -6,7 +6,7 @@
 
 use bert::{BertInputs, DType, Device, ForwardOptions, ModelFiles};
 use bert_finetune::{load_trainable, Loss, Trainable};
-use bert_tests::{fixture, max_abs_diff, outputs};
+use bert_tests::{assert_gradient_close, fixture, max_abs_diff, outputs};
 use candle_core::safetensors::load;
 
 #[test]
@@ -44,13 +44,7 @@ fn every_gradient_matches_pytorch() {
         let ours = grads
             .get(param.var.as_ref().unwrap().as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {}", param.name));
-        let scale = max_abs_diff(expected, &expected.zeros_like().unwrap()).max(1e-12);
-        let diff = max_abs_diff(ours, expected);
-        assert!(
-            diff <= 1e-4 * scale + 1e-9,
-            "{}: max abs diff {diff:e} (max |grad| {scale:e})",
-            param.name
-        );
+        assert_gradient_close(&param.name, ours, expected);
         checked += 1;
     }
     let expected_count = reference.keys().filter(|k| k.starts_with("grad.")).count();

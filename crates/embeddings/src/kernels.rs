@@ -13,7 +13,6 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -22,9 +21,24 @@ pub(crate) trait Real:
     WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
 {
     fn erf(self) -> Self;
+    /// Keeps attention probabilities of this dtype for the backward pass.
+    fn save(probs: Vec<Self>) -> SavedProbs;
+    /// The kept probabilities, if they are of this dtype.
+    fn saved(saved: &SavedProbs) -> Option<&[Self]>;
 }
 
 impl Real for f32 {
+    fn save(probs: Vec<Self>) -> SavedProbs {
+        SavedProbs::F32(probs)
+    }
+
+    fn saved(saved: &SavedProbs) -> Option<&[Self]> {
+        match saved {
+            SavedProbs::F32(p) => Some(p),
+            SavedProbs::F64(_) => None,
+        }
+    }
+
     /// Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, an f32 ulp of 1), the formula
     /// PyTorch's vectorised CPU `erf` uses too; 4x faster than libm's `erff`, which held GELU
     /// at 5% of a training step.
@@ -46,6 +60,17 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    fn save(probs: Vec<Self>) -> SavedProbs {
+        SavedProbs::F64(probs)
+    }
+
+    fn saved(saved: &SavedProbs) -> Option<&[Self]> {
+        match saved {
+            SavedProbs::F64(p) => Some(p),
+            SavedProbs::F32(_) => None,
+        }
+    }
+
     fn erf(self) -> Self {
         libm::erf(self)
     }
@@ -59,6 +84,39 @@ fn filled<T: Copy>(n: usize, value: T) -> Vec<T> {
     let mut out = Vec::with_capacity(n);
     out.resize(n, value);
     out
+}
+
+/// Binds each `$v` to the contiguous slice of its CPU storage when all inputs hold the same
+/// dtype among `[$ty, ..]`, evaluates `$body` (generic code, instantiated per dtype) and wraps
+/// the `Vec` it returns back into that dtype's storage; any other mix is an error naming `$name`.
+macro_rules! per_float {
+    ($name:expr, [$($ty:ident),+], $inputs:tt, $body:expr) => {
+        'dispatch: {
+            $(per_float!(@arm 'dispatch, $ty, $name, $inputs, $body);)+
+            candle_core::bail!(
+                "{}: inputs need one dtype among {}",
+                $name,
+                stringify!($($ty),+)
+            )
+        }
+    };
+    (@arm $label:lifetime, $ty:ident, $name:expr, ($($s:expr => $v:ident @ $l:expr),+), $body:expr) => {
+        if let ($(CpuStorage::$ty($v),)+) = ($($s,)+) {
+            $(let $v = contiguous($v, $l, $name)?;)+
+            break $label CpuStorage::$ty($body);
+        }
+    };
+}
+
+/// The CPU storage of a tensor the kernels read directly.
+fn cpu_storage<'a>(
+    storage: &'a candle_core::Storage,
+    op: &str,
+) -> candle_core::Result<&'a CpuStorage> {
+    match storage {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("{op}: CPU tensors expected"),
+    }
 }
 
 /// Rows smaller than this many elements in total are not worth a thread hand-off.
@@ -214,37 +272,7 @@ impl CustomOp3 for LayerNormOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         check_norm_params(self.name(), xl, wl, bl)?;
         let name = self.name();
-        let out = match (x, w, b) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(b, bl, name)?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.forward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(b, bl, name)?,
-                ))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => {
-                CpuStorage::F16(self.forward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(b, bl, name)?,
-                ))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => {
-                CpuStorage::BF16(self.forward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(b, bl, name)?,
-                ))
-            }
-            _ => candle_core::bail!("{name}: input, weight and bias need one float dtype"),
-        };
+        let out = per_float!(name, [F32, F64, F16, BF16], (x => x @ xl, w => w @ wl, b => b @ bl), self.forward(x, w, b));
         Ok((out, xl.shape().clone()))
     }
 
@@ -296,37 +324,7 @@ impl CustomOp3 for LayerNormBackward {
         let dim = wl.dims().iter().product::<usize>();
         let rows = xl.shape().elem_count() / dim.max(1);
         let name = self.name();
-        let out = match (x, w, dy) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(self.0.backward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(dy, dyl, name)?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(self.0.backward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(dy, dyl, name)?,
-                ))
-            }
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(dy)) => {
-                CpuStorage::F16(self.0.backward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(dy, dyl, name)?,
-                ))
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(dy)) => {
-                CpuStorage::BF16(self.0.backward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(dy, dyl, name)?,
-                ))
-            }
-            _ => candle_core::bail!("{name}: one float dtype expected"),
-        };
+        let out = per_float!(name, [F32, F64, F16, BF16], (x => x @ xl, w => w @ wl, dy => dy @ dyl), self.0.backward(x, w, dy));
         Ok((out, Shape::from((rows + 2, dim))))
     }
 }
@@ -413,19 +411,8 @@ impl CustomOp2 for AttentionSoftmaxOp {
             )
         }
         let name = self.name();
-        let out = match (x, bias) {
-            (CpuStorage::F32(x), CpuStorage::F32(b)) => CpuStorage::F32(self.forward(
-                contiguous(x, xl, name)?,
-                contiguous(b, bl, name)?,
-                keys,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(b)) => CpuStorage::F64(self.forward(
-                contiguous(x, xl, name)?,
-                contiguous(b, bl, name)?,
-                keys,
-            )),
-            _ => candle_core::bail!("{name}: scores and bias need one dtype, f32 or f64"),
-        };
+        let out =
+            per_float!(name, [F32, F64], (x => x @ xl, bias => b @ bl), self.forward(x, b, keys));
         Ok((out, xl.shape().clone()))
     }
 
@@ -460,19 +447,7 @@ impl CustomOp2 for SoftmaxBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let keys = yl.dims().last().copied().unwrap_or(0);
         let name = self.name();
-        let out = match (y, dy) {
-            (CpuStorage::F32(y), CpuStorage::F32(dy)) => CpuStorage::F32(self.0.backward(
-                contiguous(y, yl, name)?,
-                contiguous(dy, dyl, name)?,
-                keys,
-            )),
-            (CpuStorage::F64(y), CpuStorage::F64(dy)) => CpuStorage::F64(self.0.backward(
-                contiguous(y, yl, name)?,
-                contiguous(dy, dyl, name)?,
-                keys,
-            )),
-            _ => candle_core::bail!("{name}: one dtype, f32 or f64, expected"),
-        };
+        let out = per_float!(name, [F32, F64], (y => y @ yl, dy => dy @ dyl), self.0.backward(y, dy, keys));
         Ok((out, yl.shape().clone()))
     }
 }
@@ -531,15 +506,7 @@ impl CustomOp1 for GeluErfOp {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = match x {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(map_elements(contiguous(x, xl, name)?, |_, v| gelu(v)))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(map_elements(contiguous(x, xl, name)?, |_, v| gelu(v)))
-            }
-            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = per_float!(name, [F32, F64], (x => x @ xl), map_elements(x, |_, v| gelu(v)));
         Ok((out, xl.shape().clone()))
     }
 
@@ -565,21 +532,7 @@ impl CustomOp2 for GeluErfBackward {
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = match (x, dy) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy)) => {
-                let dy = contiguous(dy, dyl, name)?;
-                CpuStorage::F32(map_elements(contiguous(x, xl, name)?, |k, v| {
-                    gelu_grad(v) * dy[k]
-                }))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(dy)) => {
-                let dy = contiguous(dy, dyl, name)?;
-                CpuStorage::F64(map_elements(contiguous(x, xl, name)?, |k, v| {
-                    gelu_grad(v) * dy[k]
-                }))
-            }
-            _ => candle_core::bail!("{name}: one dtype, f32 or f64, expected"),
-        };
+        let out = per_float!(name, [F32, F64], (x => x @ xl, dy => dy @ dyl), map_elements(x, |k, v| gelu_grad(v) * dy[k]));
         Ok((out, xl.shape().clone()))
     }
 }
@@ -618,11 +571,7 @@ impl CustomOp1 for DropoutOp {
             )
         }
         let name = self.name();
-        let out = match x {
-            CpuStorage::F32(x) => CpuStorage::F32(self.apply(contiguous(x, xl, name)?)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.apply(contiguous(x, xl, name)?)),
-            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = per_float!(name, [F32, F64], (x => x @ xl), self.apply(x));
         Ok((out, xl.shape().clone()))
     }
 
@@ -744,11 +693,7 @@ impl CustomOp1 for ColumnSums {
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let cols = xl.dims().last().copied().unwrap_or(0);
         let name = self.name();
-        let out = match x {
-            CpuStorage::F32(x) => CpuStorage::F32(column_sums(contiguous(x, xl, name)?, cols)),
-            CpuStorage::F64(x) => CpuStorage::F64(column_sums(contiguous(x, xl, name)?, cols)),
-            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
-        };
+        let out = per_float!(name, [F32, F64], (x => x @ xl), column_sums(x, cols));
         Ok((out, Shape::from(cols)))
     }
 }
@@ -779,29 +724,7 @@ impl CustomOp3 for LinearOp {
                 bl.dims()
             )
         }
-        let out = match (x, w, b) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(b, bl, name)?,
-                    rows,
-                    in_dim,
-                    out_dim,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.forward(
-                    contiguous(x, xl, name)?,
-                    contiguous(w, wl, name)?,
-                    contiguous(b, bl, name)?,
-                    rows,
-                    in_dim,
-                    out_dim,
-                ))
-            }
-            _ => candle_core::bail!("{name}: x, weight and bias need one dtype, f32 or f64"),
-        };
+        let out = per_float!(name, [F32, F64], (x => x @ xl, w => w @ wl, b => b @ bl), self.forward(x, w, b, rows, in_dim, out_dim));
         let mut dims = xl.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
@@ -847,9 +770,9 @@ impl CustomOp3 for LinearOp {
 // ---------------------------------------------------------------------------------------------
 // Self-attention core
 
-/// Probabilities (and dropout mask) a forward pass keeps for its backward.
+/// Probabilities a forward pass keeps for its backward.
 #[derive(Debug)]
-enum SavedProbs {
+pub(crate) enum SavedProbs {
     F32(Vec<f32>),
     F64(Vec<f64>),
 }
@@ -1227,33 +1150,11 @@ impl CustomOp3 for AttentionOp {
         let (batch, seq, hidden) = self.check(ql, kl, vl)?;
         let name = self.name();
         let mut saved = self.saved.lock()?;
-        let out = match (q, k, v) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (ctx, probs) = self.forward(
-                    contiguous(q, ql, name)?,
-                    contiguous(k, kl, name)?,
-                    contiguous(v, vl, name)?,
-                    batch,
-                    seq,
-                    hidden,
-                );
-                *saved = Some(SavedProbs::F32(probs));
-                CpuStorage::F32(ctx)
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let (ctx, probs) = self.forward(
-                    contiguous(q, ql, name)?,
-                    contiguous(k, kl, name)?,
-                    contiguous(v, vl, name)?,
-                    batch,
-                    seq,
-                    hidden,
-                );
-                *saved = Some(SavedProbs::F64(probs));
-                CpuStorage::F64(ctx)
-            }
-            _ => candle_core::bail!("{name}: q, k and v need one dtype, f32 or f64"),
-        };
+        let out = per_float!(name, [F32, F64], (q => q @ ql, k => k @ kl, v => v @ vl), {
+            let (context, probs) = self.forward(q, k, v, batch, seq, hidden);
+            *saved = Some(Real::save(probs));
+            context
+        });
         Ok((out, ql.shape().clone()))
     }
 
@@ -1273,47 +1174,31 @@ impl CustomOp3 for AttentionOp {
         let (vs, _) = v.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let name = self.name();
-        use candle_core::Storage::Cpu;
-        let packed = match (&*qs, &*ks, &*vs, &*gs, saved.as_ref()) {
-            (
-                Cpu(CpuStorage::F32(qd)),
-                Cpu(CpuStorage::F32(kd)),
-                Cpu(CpuStorage::F32(vd)),
-                Cpu(CpuStorage::F32(gd)),
-                Some(SavedProbs::F32(p)),
-            ) => {
-                let grads = self.backward(
-                    contiguous(qd, q.layout(), name)?,
-                    contiguous(kd, k.layout(), name)?,
-                    contiguous(vd, v.layout(), name)?,
-                    p,
-                    contiguous(gd, gl, name)?,
-                    batch,
-                    seq,
-                    hidden,
-                );
-                Tensor::from_vec(grads, (3, batch, seq, hidden), q.device())?
+        let (qc, kc, vc, gc) = (
+            cpu_storage(&qs, name)?,
+            cpu_storage(&ks, name)?,
+            cpu_storage(&vs, name)?,
+            cpu_storage(&gs, name)?,
+        );
+        let probs = saved
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: backward before forward")))?;
+        let grads = per_float!(
+            name,
+            [F32, F64],
+            (qc => qd @ q.layout(), kc => kd @ k.layout(), vc => vd @ v.layout(), gc => gd @ gl),
+            {
+                let p = Real::saved(probs).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{name}: backward in another dtype"))
+                })?;
+                self.backward(qd, kd, vd, p, gd, batch, seq, hidden)
             }
-            (
-                Cpu(CpuStorage::F64(qd)),
-                Cpu(CpuStorage::F64(kd)),
-                Cpu(CpuStorage::F64(vd)),
-                Cpu(CpuStorage::F64(gd)),
-                Some(SavedProbs::F64(p)),
-            ) => {
-                let grads = self.backward(
-                    contiguous(qd, q.layout(), name)?,
-                    contiguous(kd, k.layout(), name)?,
-                    contiguous(vd, v.layout(), name)?,
-                    p,
-                    contiguous(gd, gl, name)?,
-                    batch,
-                    seq,
-                    hidden,
-                );
-                Tensor::from_vec(grads, (3, batch, seq, hidden), q.device())?
-            }
-            _ => candle_core::bail!("{name}: backward needs the forward's dtype on the CPU"),
+        );
+        let shape = (3, batch, seq, hidden);
+        let packed = match grads {
+            CpuStorage::F32(g) => Tensor::from_vec(g, shape, q.device())?,
+            CpuStorage::F64(g) => Tensor::from_vec(g, shape, q.device())?,
+            _ => candle_core::bail!("{name}: f32 or f64 expected"),
         };
         let pick = |i: usize, t: &Tensor| -> candle_core::Result<Option<Tensor>> {
             t.track_op().then(|| packed.get(i)).transpose()
