@@ -716,9 +716,13 @@ impl CustomOp3 for LinearOp {
         let in_dim = xl.dims().last().copied().unwrap_or(0);
         let rows = xl.shape().elem_count() / in_dim.max(1);
         let (out_dim, w_in) = wl.shape().dims2()?;
-        if w_in != in_dim || bl.dims() != [out_dim] || xl.dims().is_empty() {
+        let mask_fits = self
+            .dropout
+            .as_ref()
+            .is_none_or(|(keep, _)| keep.len() == rows * out_dim);
+        if w_in != in_dim || bl.dims() != [out_dim] || xl.dims().is_empty() || !mask_fits {
             candle_core::bail!(
-                "{name}: x {:?}, weight {:?}, bias {:?}",
+                "{name}: x {:?}, weight {:?}, bias {:?} (or a dropout mask of another size)",
                 xl.dims(),
                 wl.dims(),
                 bl.dims()
