@@ -133,18 +133,10 @@ struct FinetuneArgs {
     /// grouping pairs of similar length (less padding, faster).
     #[arg(long)]
     uniform_batches: bool,
-    /// skip or fail on unusable rows.
-    #[arg(long, default_value = "fail")]
-    bad_rows: String,
-    /// Token limit per pair (default: the model's positions).
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    rows: RowArgs,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -155,15 +147,42 @@ struct EvalArgs {
     /// Labelled pairs: TSV, CSV or JSONL with text_a, text_b, label.
     #[arg(long)]
     data: PathBuf,
+    #[command(flatten)]
+    rows: RowArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Where and in which dtype a model runs.
+#[derive(Args)]
+struct RunArgs {
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+impl RunArgs {
+    fn device(&self) -> Result<bert::Device> {
+        Ok(self.device.parse::<DeviceSpec>()?.open()?)
+    }
+
+    fn dtype(&self) -> Result<DType> {
+        Ok(parse_dtype(&self.dtype)?)
+    }
+}
+
+/// How labelled pair files are read.
+#[derive(Args)]
+struct RowArgs {
     /// skip or fail on unusable rows.
     #[arg(long, default_value = "fail")]
     bad_rows: String,
     /// Token limit per pair (default: the model's positions).
     #[arg(long)]
     max_length: Option<usize>,
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
 }
 
 fn bad_rows(policy: &str) -> Result<BadRows> {
@@ -188,8 +207,8 @@ fn read_labelled(
 }
 
 fn finetune(args: FinetuneArgs) -> Result<()> {
-    let device = args.device.parse::<DeviceSpec>()?.open()?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let device = args.run.device()?;
+    let dtype = args.run.dtype()?;
     let base = args
         .model
         .parse::<ModelSource>()?
@@ -197,7 +216,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         .with_context(|| format!("cannot load model {}", args.model))?;
     // The loss the trainer will use decides which labels are valid.
     let loss = Loss::for_config(&head_config(&base.read_config()?, args.num_labels));
-    let policy = bad_rows(&args.bad_rows)?;
+    let policy = bad_rows(&args.rows.bad_rows)?;
     let train_data = read_labelled(&args.train, loss, args.num_labels, policy)?;
     let eval_data = args
         .eval
@@ -213,7 +232,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         weight_decay: args.weight_decay,
         seed: args.seed,
         eval_steps: args.eval_steps,
-        max_length: args.max_length,
+        max_length: args.rows.max_length,
         batching: if args.uniform_batches {
             Batching::Uniform
         } else {
@@ -286,22 +305,26 @@ fn merge(args: MergeArgs) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    let device = args.device.parse::<DeviceSpec>()?.open()?;
+    let device = args.run.device()?;
     let files = args.model.parse::<ModelSource>()?.fetch()?;
     let config = files.read_config()?;
     let data = read_labelled(
         &args.data,
         Loss::for_config(&config),
         config.num_labels,
-        bad_rows(&args.bad_rows)?,
+        bad_rows(&args.rows.bad_rows)?,
     )?;
     let model =
-        bert::load::<bert::BertForSequenceClassification>(&files, DType::F32, &device)?.model;
+        bert::load::<bert::BertForSequenceClassification>(&files, args.run.dtype()?, &device)?
+            .model;
     let path = files
         .tokenizer
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("{}: no tokenizer.json", files.dir.display()))?;
-    let max_length = args.max_length.unwrap_or(config.max_position_embeddings);
+    let max_length = args
+        .rows
+        .max_length
+        .unwrap_or(config.max_position_embeddings);
     let tokenizer = BertTokenizer::from_file(path, TokenizeOptions::new(max_length))?;
     let metrics = evaluate(&model, &tokenizer, &data.pairs, &device)?;
     println!(
@@ -317,12 +340,8 @@ struct ModelArgs {
     /// A shipped model name, a model directory, a manifest.json, or hf:ORG/NAME[@REV].
     #[arg(long, default_value = bert::DEFAULT_MODEL)]
     model: String,
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    run: RunArgs,
     /// Token limit per sequence (default: the model's position limit).
     #[arg(long)]
     max_length: Option<usize>,
@@ -344,8 +363,8 @@ impl ModelArgs {
 
     fn options(&self) -> Result<PipelineOptions> {
         Ok(PipelineOptions {
-            device: self.device.parse::<DeviceSpec>()?,
-            dtype: parse_dtype(&self.dtype)?,
+            device: self.run.device.parse::<DeviceSpec>()?,
+            dtype: self.run.dtype()?,
             max_length: self.max_length,
             truncation: self.truncation.parse::<Truncation>()?,
             error_on_overflow: self.error_on_overflow,
