@@ -45,6 +45,22 @@ fn write_data(dir: &Path, name: &str, rows: usize, salt: usize) -> PathBuf {
     path
 }
 
+/// A temporary directory with training and evaluation files of (rows, salt), and the paths
+/// of the tiny model and both files.
+fn workspace(
+    train: (usize, usize),
+    eval: (usize, usize),
+) -> (tempfile::TempDir, String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str, (rows, salt): (usize, usize)| {
+        write_data(dir.path(), name, rows, salt)
+            .display()
+            .to_string()
+    };
+    let (train, eval) = (path("train.tsv", train), path("eval.tsv", eval));
+    (dir, tiny(), train, eval)
+}
+
 fn finetune_args<'a>(model: &'a str, train: &'a str, eval: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
         "finetune",
@@ -113,14 +129,7 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_lora_run() {
 /// Runs the recipe (plus `extra` flags) uninterrupted, then again killed with SIGKILL after a
 /// checkpoint and resumed; both must end with the same metrics, best step and log.
 fn kill_and_resume(extra: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny();
-    let train = write_data(dir.path(), "train.tsv", 48, 0)
-        .display()
-        .to_string();
-    let eval = write_data(dir.path(), "eval.tsv", 16, 3)
-        .display()
-        .to_string();
+    let (dir, model, train, eval) = workspace((48, 0), (16, 3));
     let whole = dir.path().join("whole").display().to_string();
     let args_for = |out: &'_ str| -> Vec<String> {
         finetune_args(&model, &train, &eval, out)
@@ -197,14 +206,7 @@ fn kill_and_resume(extra: &[&str]) {
 
 #[test]
 fn finetune_writes_an_hf_checkpoint_that_eval_and_score_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny();
-    let train = write_data(dir.path(), "train.tsv", 24, 0)
-        .display()
-        .to_string();
-    let eval = write_data(dir.path(), "eval.tsv", 8, 1)
-        .display()
-        .to_string();
+    let (dir, model, train, eval) = workspace((24, 0), (8, 1));
     let out = dir.path().join("out");
     let out_str = out.display().to_string();
     let summary = report(&run(&finetune_args(&model, &train, &eval, &out_str)));
@@ -270,14 +272,7 @@ fn finetune_writes_an_hf_checkpoint_that_eval_and_score_load() {
 
 #[test]
 fn finetune_with_lora_writes_a_peft_adapter_that_scores_and_merges() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny();
-    let train = write_data(dir.path(), "train.tsv", 24, 0)
-        .display()
-        .to_string();
-    let eval = write_data(dir.path(), "eval.tsv", 8, 1)
-        .display()
-        .to_string();
+    let (dir, model, train, eval) = workspace((24, 0), (8, 1));
     let out = dir.path().join("out");
     let out_str = out.display().to_string();
     let mut args = finetune_args(&model, &train, &eval, &out_str);

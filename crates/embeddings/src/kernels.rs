@@ -187,13 +187,19 @@ impl LayerNormOp {
     fn backward<T: WithDType + Default>(&self, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
         let dim = w.len();
         let rows = x.len() / dim.max(1);
+        // Each row's statistics once, for both dx and the dw/db sums.
+        let stats: Vec<(f64, f64)> = (0..rows)
+            .into_par_iter()
+            .with_min_len(64)
+            .map(|r| row_stats(&x[r * dim..(r + 1) * dim], self.eps))
+            .collect();
         let mut out = for_rows(rows + 2, dim, |r, dx| {
             if r >= rows {
                 return;
             }
             let row = &x[r * dim..(r + 1) * dim];
             let grad = &dy[r * dim..(r + 1) * dim];
-            let (mean, rstd) = row_stats(row, self.eps);
+            let (mean, rstd) = stats[r];
             let (mut mean_g, mut mean_g_xhat) = (0f64, 0f64);
             for j in 0..dim {
                 let xhat = (row[j].to_f64() - mean) * rstd;
@@ -218,7 +224,7 @@ impl LayerNormOp {
                 |(mut dw, mut db), r| {
                     let row = &x[r * dim..(r + 1) * dim];
                     let grad = &dy[r * dim..(r + 1) * dim];
-                    let (mean, rstd) = row_stats(row, self.eps);
+                    let (mean, rstd) = stats[r];
                     for j in 0..dim {
                         let g = grad[j].to_f64();
                         dw[j] += g * (row[j].to_f64() - mean) * rstd;

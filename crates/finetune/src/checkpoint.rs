@@ -88,13 +88,7 @@ pub fn write_model(
     if let Some((state, optimizer)) = state {
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Setting(e.to_string()))?;
         write_synced(&staging.join("trainer_state.json"), &json)?;
-        let path = staging.join("optimizer.safetensors");
-        let contiguous: HashMap<String, Tensor> = optimizer
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
-            .collect::<candle_core::Result<_>>()?;
-        candle_core::safetensors::save(&contiguous, &path)?;
-        sync_file(&path)?;
+        save_weights(optimizer, &staging, "optimizer.safetensors")?;
     }
     replace_dir(&staging, dir)
 }

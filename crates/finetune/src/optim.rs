@@ -375,18 +375,23 @@ mod tests {
         assert_eq!(linear_schedule(1.0, 10, 100, 100), 0.0);
     }
 
-    /// Two steps of AdamW on a scalar, against the update rule written out by hand (PyTorch).
-    #[test]
-    fn adamw_matches_the_pytorch_update() {
-        let dev = Device::Cpu;
-        let var = Var::new(&[1.0f32], &dev).unwrap();
-        let param = Param {
+    /// A trained, weight-decayed parameter `w` over `var`.
+    fn decayed_param(var: &Var) -> Param {
+        Param {
             name: "w".into(),
             var: Some(var.clone()),
             tensor: var.as_tensor().clone(),
             decay: true,
             fresh: false,
-        };
+        }
+    }
+
+    /// Two steps of AdamW on a scalar, against the update rule written out by hand (PyTorch).
+    #[test]
+    fn adamw_matches_the_pytorch_update() {
+        let dev = Device::Cpu;
+        let var = Var::new(&[1.0f32], &dev).unwrap();
+        let param = decayed_param(&var);
         let config = AdamWConfig {
             lr: 0.1,
             weight_decay: 0.01,
@@ -418,13 +423,7 @@ mod tests {
         let init = Tensor::randn(0f64, 1.0, (3, 5), &dev).unwrap();
         let make = |dtype: DType| {
             let var = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
-            let param = Param {
-                name: "w".into(),
-                var: Some(var.clone()),
-                tensor: var.as_tensor().clone(),
-                decay: true,
-                fresh: false,
-            };
+            let param = decayed_param(&var);
             (var, AdamW::new(&[param], AdamWConfig::default()).unwrap())
         };
         let (v32, mut opt32) = make(DType::F32);
