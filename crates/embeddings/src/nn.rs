@@ -287,6 +287,15 @@ impl Embedding {
 
 impl Module for Embedding {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        if self.weight.device().is_cpu()
+            && matches!(self.weight.dtype(), DType::F32 | DType::F64)
+            && matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64)
+        {
+            return self
+                .weight
+                .contiguous()?
+                .apply_op2(&ids.contiguous()?, crate::kernels::EmbeddingOp);
+        }
         let mut out_dims = ids.dims().to_vec();
         out_dims.push(self.weight.dim(1)?);
         self.weight
@@ -878,6 +887,29 @@ mod tests {
                 (x.as_tensor() * kept).unwrap()
             },
         );
+        // Embedding lookup: ids repeat (their gradient rows add up) and some rows are never
+        // looked up (their gradient is zero), in every id dtype.
+        let table = Var::from_tensor(&Tensor::randn(0f64, 1.0, (7, 5), &dev).unwrap()).unwrap();
+        let embedding = Embedding::new(table.as_tensor().clone());
+        for dtype in [DType::U8, DType::U32, DType::I64] {
+            let ids = Tensor::new(&[[3u32, 0, 3], [6, 3, 1]], &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            check(
+                "embedding",
+                &[&table],
+                &|| embedding.forward(&ids).unwrap(),
+                &|| {
+                    table
+                        .as_tensor()
+                        .index_select(&ids.flatten_all().unwrap(), 0)
+                        .unwrap()
+                        .reshape((2, 3, 5))
+                        .unwrap()
+                },
+            );
+        }
     }
 
     #[test]
