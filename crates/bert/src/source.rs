@@ -311,8 +311,10 @@ pub fn fetch_manifest(manifest: &Manifest, cache_root: &Path) -> Result<PathBuf>
 }
 
 /// Writes a bundled model's compiled-in files to `CACHE/bundled/NAME-SHA` (the first 12 digits
-/// of its config's sha256, so a new build's model never reads an old one's files), verified
-/// against the manifest, published atomically as wheels are.
+/// of its adapter weights' sha256, else its config's, so a build that bundles new weights never
+/// reads an old build's files), verified against the manifest, published atomically as wheels
+/// are. A manifest naming files this build does not carry is an error before anything is
+/// published.
 fn unpack_bundled(manifest: &Manifest, cache_root: &Path) -> Result<PathBuf> {
     let config_sha = &manifest.files["config.json"];
     let weights_sha = manifest
