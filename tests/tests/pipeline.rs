@@ -94,6 +94,27 @@ fn embeddings_match_mean_pooled_transformers_states() {
     );
 }
 
+/// Scores the fixture's pairs in one batch, checks guitar/instrument above guitar/onion and
+/// that each pair scored alone gives its batched score; returns the batched scores.
+fn score_fixture_pairs(scorer: &PairScorer, texts: &serde_json::Value) -> Vec<f32> {
+    let pairs = pair_texts(texts);
+    let scores = scorer.score(&pairs).unwrap();
+    assert!(
+        scores[0] > scores[1],
+        "guitar/instrument {} vs guitar/onion {}",
+        scores[0],
+        scores[1]
+    );
+    for (pair, batched) in pairs.iter().zip(&scores) {
+        let alone = scorer.score(&[*pair]).unwrap()[0];
+        assert!(
+            (alone - batched).abs() < 1e-5,
+            "{pair:?}: {alone} vs {batched}"
+        );
+    }
+    scores
+}
+
 #[test]
 fn default_model_scores_by_cosine_and_ranks_sensibly() {
     let scorer = PairScorer::load(
@@ -105,23 +126,9 @@ fn default_model_scores_by_cosine_and_ranks_sensibly() {
     assert_eq!(scorer.mode(), ScoreMode::BiEncoder);
     let texts = texts();
     let pairs = pair_texts(&texts);
-    let scores = scorer.score(&pairs).unwrap();
-    assert!(
-        scores[0] > scores[1],
-        "guitar/instrument {} vs guitar/onion {}",
-        scores[0],
-        scores[1]
-    );
+    let scores = score_fixture_pairs(&scorer, &texts);
     assert!(scores.iter().all(|s| (-1.0..=1.0).contains(s)));
 
-    // Batched and one-at-a-time agree (length bucketing, padding).
-    for (pair, batched) in pairs.iter().zip(&scores) {
-        let alone = scorer.score(&[*pair]).unwrap()[0];
-        assert!(
-            (alone - batched).abs() < 1e-5,
-            "{pair:?}: {alone} vs {batched}"
-        );
-    }
     let tiny_batches = PairScorer::from_files(
         &minilm_files(),
         &PipelineOptions {
@@ -160,22 +167,8 @@ fn bundled_cross_encoder_loads_on_its_base_and_scores() {
     let scorer = PairScorer::from_files(&files, &cpu(), None).unwrap();
     assert_eq!(scorer.mode(), ScoreMode::CrossEncoder);
     let texts = texts();
-    let pairs = pair_texts(&texts);
-    let scores = scorer.score(&pairs).unwrap();
-    assert!(
-        scores[0] > scores[1],
-        "guitar/instrument {} vs guitar/onion {}",
-        scores[0],
-        scores[1]
-    );
+    let scores = score_fixture_pairs(&scorer, &texts);
     assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
-    for (pair, batched) in pairs.iter().zip(&scores) {
-        let alone = scorer.score(&[*pair]).unwrap()[0];
-        assert!(
-            (alone - batched).abs() < 1e-5,
-            "{pair:?}: {alone} vs {batched}"
-        );
-    }
 
     // In a cache of its own (others may be reading the shared one): the unpacked copy is
     // reused, and a damaged one is replaced, never trusted.
