@@ -646,7 +646,7 @@ impl CustomOp1 for GeluErfOp {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = per_float!(name, [F32, F64], (x => x @ xl), map_elements(x, x, |v, _| gelu(v)));
+        let out = per_float!(name, [F32, F64], (x => x @ xl), map_elements(x, x, #[inline(always)] |v, _| gelu(v)));
         Ok((out, xl.shape().clone()))
     }
 
@@ -672,7 +672,7 @@ impl CustomOp2 for GeluErfBackward {
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = per_float!(name, [F32, F64], (x => x @ xl, dy => dy @ dyl), map_elements(x, dy, |v, g| gelu_grad(v) * g));
+        let out = per_float!(name, [F32, F64], (x => x @ xl, dy => dy @ dyl), map_elements(x, dy, #[inline(always)] |v, g| gelu_grad(v) * g));
         Ok((out, xl.shape().clone()))
     }
 }
@@ -692,7 +692,12 @@ impl DropoutOp {
     fn apply<T: Real + Default>(&self, x: &[T]) -> Vec<T> {
         let scale = T::from_f64(self.scale);
         let keep = &self.keep[..];
-        map_elements(x, keep, |v, kept| if kept { v * scale } else { T::zero() })
+        map_elements(
+            x,
+            keep,
+            #[inline(always)]
+            |v, kept| if kept { v * scale } else { T::zero() },
+        )
     }
 }
 
