@@ -184,8 +184,11 @@ fn filled<T: Copy>(n: usize, value: T) -> Vec<T> {
 pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA, checked just above.
             return unsafe { simd_avx512(f) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -1581,5 +1584,30 @@ mod tests {
                 assert_eq!(dropped[k], d, "dropout at {k}");
             }
         }
+    }
+
+    /// Each instruction-set path of `with_simd` that this CPU can run gives the same bits as
+    /// the baseline build (no fused multiply-adds are introduced, lanes are independent).
+    #[test]
+    fn every_simd_path_gives_the_baseline_bits() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.021).collect();
+        #[inline(always)]
+        fn run(v: &[f32]) -> Vec<f32> {
+            v.iter().map(|&a| gelu_grad(a) * gelu(a)).collect()
+        }
+        let baseline = run(&x);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA.
+                assert_eq!(unsafe { simd_avx2(|| run(&x)) }, baseline, "avx2");
+            }
+            if has!("avx512f") && has!("avx2") && has!("fma") {
+                // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
+                assert_eq!(unsafe { simd_avx512(|| run(&x)) }, baseline, "avx512");
+            }
+        }
+        assert_eq!(with_simd(|| run(&x)), baseline, "dispatch");
     }
 }
