@@ -599,6 +599,7 @@ fn map_elements<T: Copy + Send + Sync, U: Copy + Sync>(
     f: impl Fn(T, U) -> T + Sync + Send,
 ) -> Vec<T> {
     const CHUNK: usize = 1 << 12;
+    debug_assert_eq!(x.len(), y.len(), "callers check that the inputs agree");
     let n = x.len().min(y.len());
     let mut out: Vec<T> = Vec::with_capacity(n);
     let map_chunk = |(c, chunk): (usize, &mut [std::mem::MaybeUninit<T>])| {
@@ -675,6 +676,10 @@ impl CustomOp2 for GeluErfBackward {
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
+        // map_elements pairs elements up to the shorter input: the shapes must agree.
+        if xl.dims() != dyl.dims() {
+            candle_core::bail!("{name}: x {:?} with gradient {:?}", xl.dims(), dyl.dims())
+        }
         let out = per_float!(name, [F32, F64], (x => x @ xl, dy => dy @ dyl), map_elements(x, dy, #[inline(always)] |v, g| gelu_grad(v) * g));
         Ok((out, xl.shape().clone()))
     }
