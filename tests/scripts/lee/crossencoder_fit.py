@@ -40,6 +40,7 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--predictions", help="also write each test pair's score, one JSON line per pair")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -63,6 +64,9 @@ def main():
     seconds = time.perf_counter() - start
     scores = model.predict([(a, b) for a, b, _ in test], batch_size=32, show_progress_bar=False)
     labels = [y for _, _, y in test]
+    if args.predictions:
+        with open(args.predictions, "w") as f:
+            f.writelines(json.dumps({"score": float(s)}) + "\n" for s in scores)
     print(json.dumps({
         "implementation": "sentence-transformers CrossEncoder.fit",
         "test_pairs": len(test),
@@ -72,7 +76,7 @@ def main():
         "pairs_per_s": len(examples) * args.epochs / seconds,
         "torch": torch.__version__,
         "threads": args.threads,
-        **{k: v for k, v in vars(args).items() if k not in ("model", "train", "test")},
+        **{k: v for k, v in vars(args).items() if k not in ("model", "train", "test", "predictions")},
     }))
 
 

@@ -9,8 +9,12 @@ fetched here, never committed.
 
 Split: a seeded choice of TEST_DOCS documents; test pairs have both documents in it, train pairs
 have neither, pairs that straddle are dropped. So no document of a test pair is seen in training.
+K-fold: with --folds F the seeded permutation of the 50 documents is cut into F folds and --fold K
+takes fold K as the test documents. The first fold of a seed is the single split of that seed with
+10 test documents (the seeded choice takes the permutation's first ones), so fold 0 of 5 at seed 0
+is the split reported before k-fold was added.
 
-    python3 tests/scripts/lee/prepare_lee.py OUT_DIR [--seed 0] [--test-docs 10]
+    python3 tests/scripts/lee/prepare_lee.py OUT_DIR [--seed 0] [--test-docs 10 | --folds 5 --fold K]
 
 Writes OUT_DIR/train.tsv, OUT_DIR/test.tsv (text_a, text_b, label), OUT_DIR/split.json and
 OUT_DIR/background.txt (one unlabelled document per line).
@@ -63,10 +67,23 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-docs", type=int, default=10)
+    parser.add_argument("--folds", type=int, help="cut the documents into this many folds")
+    parser.add_argument("--fold", type=int, help="with --folds: which fold (0-based) is the test set")
     args = parser.parse_args()
+    if (args.folds is None) != (args.fold is None):
+        parser.error("--folds and --fold go together")
+    if args.folds is not None and not (2 <= args.folds <= 50 and 0 <= args.fold < args.folds):
+        parser.error("need 2 <= --folds <= 50 and 0 <= --fold < --folds")
     docs, sims, background = fetch()
     rng = random.Random(args.seed)
-    test_docs = sorted(rng.sample(range(len(docs)), args.test_docs))
+    if args.folds is None:
+        test_docs = sorted(rng.sample(range(len(docs)), args.test_docs))
+    else:
+        # random.sample draws its pool sequentially, so a permutation's prefix equals the
+        # smaller sample of the same seed: fold 0 of 5 is the 10-document split of that seed.
+        order = rng.sample(range(len(docs)), len(docs))
+        lo, hi = (len(docs) * k // args.folds for k in (args.fold, args.fold + 1))
+        test_docs = sorted(order[lo:hi])
     test_set = set(test_docs)
     args.out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "test": 0, "dropped": 0}
@@ -85,7 +102,7 @@ def main() -> None:
                 else:
                     counts["dropped"] += 1
     (args.out / "background.txt").write_text("".join(doc + "\n" for doc in background))
-    split = {"seed": args.seed, "test_docs": test_docs, "pairs": counts, "source": PACKAGE, "wheel_sha256": WHEEL_SHA256}
+    split = {"seed": args.seed, "folds": args.folds, "fold": args.fold, "test_docs": test_docs, "pairs": counts, "source": PACKAGE, "wheel_sha256": WHEEL_SHA256}
     (args.out / "split.json").write_text(json.dumps(split, indent=2) + "\n")
     print(json.dumps(split))
 

@@ -6,7 +6,10 @@
 #   2. ours: `bert finetune` from all-MiniLM-L6-v2, then `bert eval` on the held-out pairs
 #   3. PyTorch: sentence-transformers' CrossEncoder.fit, same recipe and split
 #   4. zero-shot bi-encoder: `bert score --mode bi` (cosine of mean-pooled embeddings)
+# Each side's score of every test pair is kept (*_scores.jsonl) for pooling k-fold results.
 # Usage: tests/scripts/lee/run_lee.sh OUT_DIR [PYTHON]   (PYTHON: one with requirements-lee.txt)
+# FOLDS=F FOLD=K: the split is fold K of F (prepare_lee.py --folds); tests/scripts/lee/run_lee_kfold.sh
+# runs every fold.
 set -euo pipefail
 out=${1:?usage: run_lee.sh OUT_DIR [PYTHON]}
 python=${2:-python3}
@@ -20,7 +23,9 @@ cd "$root"
 # BERT=PATH runs a binary built before (several runs against one build while the tree changes).
 if [ -z "${BERT:-}" ]; then cargo build -q -p bert-cli; fi
 bert=${BERT:-target/debug/bert}
-python3 tests/scripts/lee/prepare_lee.py "$out/data" --seed "${SPLIT_SEED:-0}" > "$out/split.json"
+fold_args=()
+if [ -n "${FOLDS:-}" ]; then fold_args=(--folds "$FOLDS" --fold "${FOLD:?FOLDS needs FOLD}"); fi
+python3 tests/scripts/lee/prepare_lee.py "$out/data" --seed "${SPLIT_SEED:-0}" "${fold_args[@]}" > "$out/split.json"
 $bert embed --device cpu "fetch the base model once" > /dev/null
 train="$out/data/train.tsv"
 if [ "$distill_pairs" -gt 0 ]; then
@@ -35,29 +40,12 @@ model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE
 $bert finetune --train "$train" --out "$out/ours" --epochs "$epochs" --batch-size "$batch" \
   --lr "$lr" --seed "$seed" --max-length "$max_length" --device cpu > "$out/ours.json"
 $bert eval --model "$out/ours" --data "$out/data/test.tsv" --max-length "$max_length" --device cpu > "$out/ours_test.json"
+$bert score --mode cross --model "$out/ours" --input "$out/data/test.tsv" --max-length "$max_length" --device cpu > "$out/ours_scores.jsonl"
 
 "$python" tests/scripts/lee/crossencoder_fit.py --model "$model_dir" --train "$train" --test "$out/data/test.tsv" \
-  --epochs "$epochs" --batch-size "$batch" --lr "$lr" --seed "$seed" --max-length "$max_length" --threads 2 > "$out/pytorch.json"
+  --epochs "$epochs" --batch-size "$batch" --lr "$lr" --seed "$seed" --max-length "$max_length" --threads 2 \
+  --predictions "$out/pytorch_scores.jsonl" > "$out/pytorch.json"
 
 $bert score --mode bi --device cpu --max-length "$max_length" --input "$out/data/test.tsv" > "$out/bi_scores.jsonl"
-python3 - "$out" > "$out/bi_encoder.json" <<'PY'
-import csv, json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-labels = [float(r["label"]) for r in csv.DictReader(open(out / "data/test.tsv"), delimiter="\t", quoting=csv.QUOTE_NONE)]
-scores = [json.loads(l)["score"] for l in open(out / "bi_scores.jsonl")]
-def ranks(v):
-    order = sorted(range(len(v)), key=lambda i: v[i]); r = [0.0] * len(v); i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]: j += 1
-        for k in order[i:j + 1]: r[k] = (i + j) / 2 + 1
-        i = j + 1
-    return r
-def pearson(x, y):
-    n = len(x); mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y)); sxx = sum((a - mx) ** 2 for a in x); syy = sum((b - my) ** 2 for b in y)
-    return sxy / (sxx * syy) ** 0.5
-print(json.dumps({"implementation": "zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2)", "test_pairs": len(labels),
-                  "pearson": pearson(scores, labels), "spearman": pearson(ranks(scores), ranks(labels))}))
-PY
+python3 tests/scripts/lee/lee_metrics.py pair "$out/data/test.tsv" "$out/bi_scores.jsonl" \
+  "zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2)" > "$out/bi_encoder.json"
