@@ -4,6 +4,10 @@
 //!
 //! `train-step`: forward + backward + clipping + AdamW of a one-label pair classifier on a
 //! fixed random batch (every position a real token), the work of one `bert finetune` step.
+//!
+//! `infer`: the encoder's forward pass (token ids to last hidden states, inference mode) on a
+//! fixed batch, by this project's `BertModel` or by candle-transformers' (`--peer`, the same
+//! weights): the inference half of `crates/bench/scripts/compare_inference.py`.
 
 use std::time::Instant;
 
@@ -48,6 +52,34 @@ enum Command {
         #[arg(long)]
         lora: Option<usize>,
     },
+    /// Time the encoder's forward pass (inference) on a fixed batch.
+    Infer(InferArgs),
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    /// Model (any model source).
+    #[arg(long, default_value = bert::DEFAULT_MODEL)]
+    model: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Untimed passes first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed passes; each one's seconds are printed, and their median.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Which implementation runs: ours (bert-rs) or candle-transformers' BertModel.
+    #[arg(long, value_enum, default_value = "bert-rs")]
+    implementation: Implementation,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Implementation {
+    BertRs,
+    CandleTransformers,
 }
 
 fn main() -> Result<()> {
@@ -61,7 +93,117 @@ fn main() -> Result<()> {
             steps,
             lora,
         } => train_step(&model, batch, seq, warmup, steps, lora),
+        Command::Infer(args) => infer(&args),
     }
+}
+
+/// The benchmark batch, the same in every implementation (`compare_inference.py` builds it with
+/// the same formula): [CLS] word pieces [SEP], every position a real token, one segment.
+fn benchmark_ids(batch: usize, seq: usize) -> Vec<u32> {
+    (0..batch)
+        .flat_map(|i| {
+            (0..seq).map(move |j| match j {
+                0 => 101,
+                _ if j == seq - 1 => 102,
+                _ => 1000 + ((i * 131 + j * 7919) % 28000) as u32,
+            })
+        })
+        .collect()
+}
+
+fn infer(args: &InferArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let load_start = Instant::now();
+    let files = args
+        .model
+        .parse::<ModelSource>()?
+        .fetch()
+        .with_context(|| format!("cannot load {}", args.model))?;
+    let (batch, seq) = (args.batch, args.seq);
+    let input_ids = Tensor::from_vec(benchmark_ids(batch, seq), (batch, seq), &device)?;
+    let token_type_ids = input_ids.zeros_like()?;
+    let attention_mask = input_ids.ones_like()?;
+    // Each implementation as a user would call it: ours through its loader (which keeps the
+    // pooler; its cost is one 1-row dense per sequence), the peer through candle-nn's
+    // memory-mapped VarBuilder.
+    let forward: Box<dyn Fn() -> Result<Tensor>> = match args.implementation {
+        Implementation::BertRs => {
+            let model = bert::load::<bert::BertModel>(&files, DType::F32, &device)?.model;
+            let (ids, types, mask) = (
+                input_ids.clone(),
+                token_type_ids.clone(),
+                attention_mask.clone(),
+            );
+            Box::new(move || {
+                let inputs = BertInputs::new(&ids)
+                    .with_attention_mask(&mask)
+                    .with_token_type_ids(&types);
+                Ok(model
+                    .forward(&inputs, &ForwardOptions::inference())?
+                    .last_hidden_state)
+            })
+        }
+        Implementation::CandleTransformers => {
+            use candle_transformers::models::bert as peer;
+            let config: peer::Config =
+                serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
+            let paths = &files.weights.paths;
+            if paths
+                .iter()
+                .any(|p| p.extension().is_none_or(|e| e != "safetensors"))
+            {
+                anyhow::bail!("the candle-transformers peer reads safetensors weights only");
+            }
+            // SAFETY: the weight files are not modified while mapped (as candle's examples).
+            let vb = unsafe {
+                candle_nn::VarBuilder::from_mmaped_safetensors(paths, DType::F32, &device)?
+            };
+            let model = peer::BertModel::load(vb, &config)?;
+            let (ids, types, mask) = (
+                input_ids.clone(),
+                token_type_ids.clone(),
+                attention_mask.clone(),
+            );
+            Box::new(move || Ok(model.forward(&ids, &types, Some(&mask))?))
+        }
+    };
+    let load_s = load_start.elapsed().as_secs_f64();
+    let mut times = Vec::with_capacity(args.runs);
+    let mut hidden = None;
+    for run in 0..args.warmup + args.runs {
+        let start = Instant::now();
+        let out = forward()?;
+        if run >= args.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+        hidden = Some(out);
+    }
+    // What the script compares across implementations: they must all compute the same states.
+    let hidden = hidden.context("--warmup + --runs must be at least 1")?;
+    let first_token: Vec<f32> = hidden.get(0)?.get(0)?.narrow(0, 0, 8)?.to_vec1()?;
+    let mean_abs = hidden.abs()?.mean_all()?.to_scalar::<f32>()?;
+    let median_s = median(times.clone());
+    println!(
+        "{}",
+        json!({
+            "impl": match args.implementation {
+                Implementation::BertRs => "bert-rs",
+                Implementation::CandleTransformers => "candle-transformers",
+            },
+            "bench": "infer",
+            "batch": batch,
+            "seq": seq,
+            "threads": candle_core::utils::get_num_threads(),
+            "load_s": load_s,
+            "runs_s": times,
+            "median_s": median_s,
+            "seq_per_s": batch as f64 / median_s,
+            "first_token": first_token,
+            "mean_abs": mean_abs,
+            "peak_rss_mb": peak_rss_mb(),
+        })
+    );
+    Ok(())
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -171,6 +313,14 @@ fn train_step(
         })
     );
     Ok(())
+}
+
+/// This process's peak resident set (VmHWM), in MiB; None where /proc is not there.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn model_name(model: &bert_finetune::TrainableClassifier) -> String {
