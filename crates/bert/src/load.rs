@@ -163,8 +163,12 @@ pub struct Loaded<M> {
     pub files: ModelFiles,
 }
 
-/// Loads architecture `M` from `files`, converting weights to `dtype` on `device`. A LoRA
-/// adapter among the files is attached and merged into the weights.
+/// Loads architecture `M` from `files`, converting weights to `dtype` on `device`, for
+/// inference. A LoRA adapter among the files is attached and merged into the weights. On the
+/// CPU the linear layers' weights are stored transposed ([`Linear::use_inference_layout`]),
+/// the layout the CPU kernel multiplies by in place.
+///
+/// [`Linear::use_inference_layout`]: bert_embeddings::nn::Linear::use_inference_layout
 pub fn load<M: Architecture>(
     files: &ModelFiles,
     dtype: DType,
@@ -182,6 +186,13 @@ pub fn load<M: Architecture>(
         if let Some(lora) = &lora {
             crate::lora::attach(&mut model, lora, &vb)?;
             crate::lora::merge(&mut model)?;
+        }
+        if device.is_cpu() {
+            let mut linears = Vec::new();
+            model.named_linears("", &mut linears);
+            for (_, linear) in linears {
+                linear.use_inference_layout()?;
+            }
         }
         Ok(model)
     })?;
