@@ -991,6 +991,10 @@ pub(crate) struct AttentionOp {
     pub bias: Option<Vec<f32>>,
     /// Keep-mask over `[batch, heads, queries, keys]` and its `1 / (1 - p)` scale.
     pub dropout: Option<(Vec<bool>, f64)>,
+    /// Keep the probabilities (for a backward pass or a caller that asked for them). Without,
+    /// each task softmaxes in a per-thread scratch row block: inference never holds the
+    /// `[batch, heads, seq, seq]` tensor (100 MB at 8 x 512 for 12 heads).
+    pub keep_probs: bool,
     saved: SavedAttention,
 }
 
@@ -1081,6 +1085,7 @@ impl AttentionOp {
         scale: f64,
         bias: Option<Vec<f32>>,
         dropout: Option<(Vec<bool>, f64)>,
+        keep_probs: bool,
     ) -> (Self, SavedAttention) {
         let saved = SavedAttention::default();
         let op = Self {
@@ -1088,6 +1093,7 @@ impl AttentionOp {
             scale,
             bias,
             dropout,
+            keep_probs,
             saved: saved.clone(),
         };
         (op, saved)
@@ -1101,17 +1107,31 @@ impl AttentionOp {
         batch: usize,
         seq: usize,
         hidden: usize,
-    ) -> (Vec<T>, Vec<T>) {
+    ) -> (Vec<T>, Option<Vec<T>>) {
         let heads = self.heads;
         let d = hidden / heads;
         let mut context = filled(batch * seq * hidden, T::zero());
-        let mut probs = filled(batch * heads * seq * seq, T::zero());
+        let mut probs = self
+            .keep_probs
+            .then(|| filled(batch * heads * seq * seq, T::zero()));
         let ctx_ptr = SharedMut(context.as_mut_ptr());
+        let probs_ptr = probs.as_mut().map(|p| SharedMut(p.as_mut_ptr()));
         let scale = T::from_f64(self.scale);
-        probs
-            .par_chunks_mut(seq * seq)
-            .enumerate()
-            .for_each(|(task, p)| {
+        (0..batch * heads)
+            .into_par_iter()
+            .for_each_init(Vec::new, |scratch: &mut Vec<T>, task| {
+                // This task's (seq x seq) probabilities: its block of the kept tensor, or the
+                // thread's scratch.
+                let p: &mut [T] = match probs_ptr {
+                    // SAFETY: task blocks of seq * seq elements are disjoint and in bounds.
+                    Some(ptr) => unsafe {
+                        std::slice::from_raw_parts_mut(ptr.get().add(task * seq * seq), seq * seq)
+                    },
+                    None => {
+                        scratch.resize(seq * seq, T::zero());
+                        scratch
+                    }
+                };
                 with_simd(
                     #[inline(always)]
                     || {
@@ -1358,7 +1378,7 @@ impl CustomOp3 for AttentionOp {
         let mut saved = self.saved.lock()?;
         let out = per_float!(name, [F32, F64], (q => q @ ql, k => k @ kl, v => v @ vl), {
             let (context, probs) = self.forward(q, k, v, batch, seq, hidden);
-            *saved = Some(Real::save(probs));
+            *saved = probs.map(Real::save);
             context
         });
         Ok((out, ql.shape().clone()))

@@ -532,7 +532,10 @@ pub fn fused_attention(
         )
     });
     let scale = 1.0 / ((hidden / heads) as f64).sqrt();
-    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, dropout);
+    // Probabilities are kept only when something will read them: the caller, or a backward
+    // pass through any of q, k, v.
+    let keep_probs = want_probs || [q, k, v].iter().any(|t| t.track_op());
+    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, dropout, keep_probs);
     let context = q
         .contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
