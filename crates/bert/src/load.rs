@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::NamedLinears;
 use bert_embeddings::Config;
+use bert_encoder::SelfAttentions;
 use bert_heads::{
     BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining,
     BertForSequenceClassification, BertModel,
@@ -103,7 +104,7 @@ impl ModelFiles {
 }
 
 /// A BERT model class that can be built from a checkpoint (and carry LoRA adapters).
-pub trait Architecture: Sized + NamedLinears {
+pub trait Architecture: Sized + NamedLinears + SelfAttentions {
     /// The transformers class name.
     const NAME: &'static str;
 
@@ -165,10 +166,12 @@ pub struct Loaded<M> {
 
 /// Loads architecture `M` from `files`, converting weights to `dtype` on `device`, for
 /// inference. A LoRA adapter among the files is attached and merged into the weights. On the
-/// CPU the linear layers' weights are stored transposed ([`Linear::use_inference_layout`]),
-/// the layout the CPU kernel multiplies by in place.
+/// CPU each attention block's query, key and value become one projection
+/// ([`BertSelfAttention::fuse_qkv`]) and the linear layers' weights are stored transposed
+/// ([`Linear::use_inference_layout`]), the layout the CPU kernel multiplies by in place.
 ///
 /// [`Linear::use_inference_layout`]: bert_embeddings::nn::Linear::use_inference_layout
+/// [`BertSelfAttention::fuse_qkv`]: bert_encoder::BertSelfAttention::fuse_qkv
 pub fn load<M: Architecture>(
     files: &ModelFiles,
     dtype: DType,
@@ -188,10 +191,17 @@ pub fn load<M: Architecture>(
             crate::lora::merge(&mut model)?;
         }
         if device.is_cpu() {
+            // Layout first: fusing then turns query, key and value into views of the fused
+            // weight, which a later layout pass would copy back out.
             let mut linears = Vec::new();
             model.named_linears("", &mut linears);
             for (_, linear) in linears {
                 linear.use_inference_layout()?;
+            }
+            let mut attentions = Vec::new();
+            model.self_attentions(&mut attentions);
+            for attention in attentions {
+                attention.fuse_qkv()?;
             }
         }
         Ok(model)

@@ -1099,11 +1099,16 @@ impl AttentionOp {
         (op, saved)
     }
 
+    /// `q`, `k` and `v` hold rows of `ld` elements, of which the first `hidden` are used: `ld`
+    /// is `hidden` for separate projections, `3 * hidden` for the packed output of one QKV
+    /// projection (then `k` and `v` start `hidden` and `2 * hidden` elements in).
+    #[allow(clippy::too_many_arguments)]
     fn forward<T: Real + Default + 'static>(
         &self,
         q: &[T],
         k: &[T],
         v: &[T],
+        ld: usize,
         batch: usize,
         seq: usize,
         hidden: usize,
@@ -1136,8 +1141,8 @@ impl AttentionOp {
                     #[inline(always)]
                     || {
                         let (b, h) = (task / heads, task % heads);
-                        let base = b * seq * hidden + h * d;
-                        // SAFETY: q, k (rows of stride `hidden`) and p (seq x seq) are in bounds.
+                        let base = b * seq * ld + h * d;
+                        // SAFETY: q, k (rows of stride `ld`) and p (seq x seq) are in bounds.
                         unsafe {
                             small_gemm(
                                 seq,
@@ -1146,11 +1151,11 @@ impl AttentionOp {
                                 p.as_mut_ptr(),
                                 seq,
                                 q[base..].as_ptr(),
-                                hidden as isize,
+                                ld as isize,
                                 1,
                                 k[base..].as_ptr(),
                                 1,
-                                hidden as isize,
+                                ld as isize,
                             );
                         }
                         let bias: Option<Vec<T>> = self.bias.as_ref().map(|bias| {
@@ -1191,13 +1196,13 @@ impl AttentionOp {
                                 seq,
                                 d,
                                 seq,
-                                ctx_ptr.get().add(base),
+                                ctx_ptr.get().add(b * seq * hidden + h * d),
                                 hidden,
                                 weights.as_ptr(),
                                 seq as isize,
                                 1,
                                 v[base..].as_ptr(),
-                                hidden as isize,
+                                ld as isize,
                                 1,
                             );
                         }
@@ -1377,7 +1382,7 @@ impl CustomOp3 for AttentionOp {
         let name = self.name();
         let mut saved = self.saved.lock()?;
         let out = per_float!(name, [F32, F64], (q => q @ ql, k => k @ kl, v => v @ vl), {
-            let (context, probs) = self.forward(q, k, v, batch, seq, hidden);
+            let (context, probs) = self.forward(q, k, v, hidden, batch, seq, hidden);
             *saved = probs.map(Real::save);
             context
         });
@@ -1430,6 +1435,43 @@ impl CustomOp3 for AttentionOp {
             t.track_op().then(|| packed.get(i)).transpose()
         };
         Ok((pick(0, q)?, pick(1, k)?, pick(2, v)?))
+    }
+}
+
+/// Inference attention over the packed output of one QKV projection, `[batch, seq, 3 * hidden]`
+/// (query, key and value columns side by side, as `BertSelfAttention`'s fused projection
+/// writes them): the same computation as [`AttentionOp`], reading the three blocks in place.
+/// No dropout and no backward: it is built only for inference.
+#[derive(Debug)]
+pub(crate) struct PackedAttentionOp(pub AttentionOp);
+
+impl CustomOp1 for PackedAttentionOp {
+    fn name(&self) -> &'static str {
+        "bert-attention-packed"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let op = &self.0;
+        let (batch, seq, packed) = xl.shape().dims3()?;
+        let hidden = packed / 3;
+        if packed % 3 != 0 || hidden % op.heads != 0 || op.dropout.is_some() {
+            candle_core::bail!(
+                "{name}: {:?} is not [batch, seq, 3 x heads x d] (or has dropout)",
+                xl.dims()
+            )
+        }
+        if op.bias.as_ref().is_some_and(|b| b.len() != batch * seq) {
+            candle_core::bail!("{name}: bias does not fit {:?}", xl.dims())
+        }
+        let mut saved = op.saved.lock()?;
+        let out = per_float!(name, [F32, F64], (x => x @ xl), {
+            let (context, probs) =
+                op.forward(x, &x[hidden..], &x[2 * hidden..], packed, batch, seq, hidden);
+            *saved = probs.map(Real::save);
+            context
+        });
+        Ok((out, Shape::from((batch, seq, hidden))))
     }
 }
 

@@ -511,19 +511,9 @@ pub fn fused_attention(
     want_probs: bool,
 ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
     let (batch, seq, hidden) = q.dims3()?;
-    let applies = q.device().is_cpu()
-        && matches!(q.dtype(), DType::F32 | DType::F64)
-        && batch > 0
-        && seq > 0
-        && heads > 0
-        && hidden % heads == 0
-        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, seq]);
-    if !applies {
+    let Some(bias) = attention_kernel_bias(q, batch, seq, hidden, heads, bias)? else {
         return Ok(None);
-    }
-    let bias = bias
-        .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
-        .transpose()?;
+    };
     let dropout = dropout.filter(|d| d.p > 0.0).map(|d| {
         (
             d.draw_keep(batch * heads * seq * seq),
@@ -545,6 +535,65 @@ pub fn fused_attention(
         .map(|p| p.to_device(q.device()))
         .transpose()?;
     Ok(Some((context, probs)))
+}
+
+/// [`fused_attention`] for inference over the packed output of one QKV projection,
+/// `qkv: [batch, seq, 3 * hidden]` (query, key, value columns side by side), read in place.
+/// `None` when the kernel does not apply (as for [`fused_attention`]) or `qkv` tracks a
+/// gradient (the packed kernel has no backward).
+pub fn fused_attention_packed(
+    qkv: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    want_probs: bool,
+) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+    let (batch, seq, packed) = qkv.dims3()?;
+    if packed % 3 != 0 || qkv.track_op() {
+        return Ok(None);
+    }
+    let hidden = packed / 3;
+    let Some(bias) = attention_kernel_bias(qkv, batch, seq, hidden, heads, bias)? else {
+        return Ok(None);
+    };
+    let scale = 1.0 / ((hidden / heads) as f64).sqrt();
+    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, None, want_probs);
+    let context = qkv
+        .contiguous()?
+        .apply_op1_no_bwd(&crate::kernels::PackedAttentionOp(op))?;
+    let probs = want_probs
+        .then(|| saved.probabilities((batch, heads, seq, seq)))
+        .transpose()?
+        .map(|p| p.to_device(qkv.device()))
+        .transpose()?;
+    Ok(Some((context, probs)))
+}
+
+/// Whether the CPU attention kernel applies to `x` (CPU, f32/f64, non-empty, heads dividing
+/// `hidden`, a bias of one `[batch, 1, 1, seq]` row per sequence): `None` when it does not,
+/// else the bias as the kernel takes it (`Some(None)` without one).
+#[allow(clippy::type_complexity)]
+fn attention_kernel_bias(
+    x: &Tensor,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Option<Vec<f32>>>> {
+    let applies = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && batch > 0
+        && seq > 0
+        && heads > 0
+        && hidden % heads == 0
+        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, seq]);
+    if !applies {
+        return Ok(None);
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    Ok(Some(bias))
 }
 
 /// SplitMix64: a small, fast, well-mixed generator whose whole state is one `u64`, so runs that

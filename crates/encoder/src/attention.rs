@@ -6,8 +6,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{
-    attention_probabilities, compute_dtype, fused_attention, join_path, Dropout, Embedding,
-    LayerNorm, Linear, NamedLinears,
+    attention_probabilities, compute_dtype, fused_attention, fused_attention_packed, join_path,
+    Dropout, Embedding, LayerNorm, Linear, NamedLinears,
 };
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
@@ -17,6 +17,9 @@ pub struct BertSelfAttention {
     query: Linear,
     key: Linear,
     value: Linear,
+    /// For inference, `query`, `key` and `value` as one `[3 * hidden, hidden]` projection
+    /// (see [`BertSelfAttention::fuse_qkv`]).
+    qkv: Option<Linear>,
     /// `[2 * max_position_embeddings - 1, head_dim]` distance table of the relative types.
     distance_embedding: Option<Embedding>,
     position_embedding_type: PositionEmbeddingType,
@@ -44,6 +47,7 @@ impl BertSelfAttention {
             query: Linear::load(hidden, hidden, vb.pp("query"))?,
             key: Linear::load(hidden, hidden, vb.pp("key"))?,
             value: Linear::load(hidden, hidden, vb.pp("value"))?,
+            qkv: None,
             distance_embedding,
             position_embedding_type: config.position_embedding_type,
             max_position_embeddings: config.max_position_embeddings,
@@ -51,6 +55,54 @@ impl BertSelfAttention {
             num_heads: config.num_attention_heads,
             head_dim,
         })
+    }
+
+    /// For inference: one projection in place of `query`, `key` and `value` (their weights
+    /// concatenated, in the inference layout), whose packed output the attention kernel reads
+    /// in place; one GEMM instead of three. The three layers become views of the fused weight
+    /// and bias, so each weight is held once. Inference forward passes (`train == false`) then
+    /// use it; training ignores it, and this is for models that will not be trained (the
+    /// views are detached). Skipped, as a no-op, with LoRA adapters attached (merge them
+    /// first) or relative position scores (they need the split heads anyway).
+    pub fn fuse_qkv(&mut self) -> Result<()> {
+        let parts = [&self.query, &self.key, &self.value];
+        let unfusable = self.qkv.is_some()
+            || self.distance_embedding.is_some()
+            || parts
+                .iter()
+                .any(|l| l.adapter().is_some() || l.bias().is_none());
+        if unfusable {
+            return Ok(());
+        }
+        // Built straight in the inference layout: the `[in, out]` views side by side are one
+        // contiguous `[in, 3 * out]` block (one copy of the weights, no transposing pass).
+        let transposed: Vec<Tensor> = parts
+            .iter()
+            .map(|l| l.weight().detach().t())
+            .collect::<candle_core::Result<_>>()?;
+        let biases: Vec<Tensor> = parts
+            .iter()
+            .filter_map(|l| l.bias().map(Tensor::detach))
+            .collect();
+        let bias = Tensor::cat(&biases, 0)?;
+        let stored = Tensor::cat(&transposed, 1)?;
+        let mut fused = Linear::new(stored.t()?, Some(bias.clone()));
+        // A no-op when the block is already stored as built (kept for one-column edge cases).
+        fused.use_inference_layout()?;
+        let out_dim = self.query.out_dim();
+        // Each part is a column block of the stored [in, 3 * out] block, seen as [out, in].
+        let stored = fused.weight().t()?;
+        for (i, linear) in [&mut self.query, &mut self.key, &mut self.value]
+            .into_iter()
+            .enumerate()
+        {
+            *linear = Linear::new(
+                stored.narrow(1, i * out_dim, out_dim)?.t()?,
+                Some(bias.narrow(0, i * out_dim, out_dim)?),
+            );
+        }
+        self.qkv = Some(fused);
+        Ok(())
     }
 
     /// `[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]`.
@@ -73,9 +125,26 @@ impl BertSelfAttention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (batch, seq, hidden) = hidden_states.dims3()?;
         let dtype = hidden_states.dtype();
-        let q = self.query.forward_t(hidden_states, train)?;
-        let k = self.key.forward_t(hidden_states, train)?;
-        let v = self.value.forward_t(hidden_states, train)?;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) if !train => {
+                let packed = qkv.forward_t(hidden_states, false)?;
+                let fused = fused_attention_packed(&packed, self.num_heads, bias, want_probs)?;
+                if let Some((context, probs)) = fused {
+                    return Ok((context, probs));
+                }
+                let width = packed.dim(2)? / 3;
+                (
+                    packed.narrow(2, 0, width)?,
+                    packed.narrow(2, width, width)?,
+                    packed.narrow(2, 2 * width, width)?,
+                )
+            }
+            _ => (
+                self.query.forward_t(hidden_states, train)?,
+                self.key.forward_t(hidden_states, train)?,
+                self.value.forward_t(hidden_states, train)?,
+            ),
+        };
         if self.distance_embedding.is_none() {
             let fused = fused_attention(
                 &q,
@@ -201,6 +270,13 @@ impl NamedLinears for BertSelfOutput {
     }
 }
 
+/// Models that can list their self-attention blocks, mutably: how a model loaded for inference
+/// fuses every block's projections ([`BertSelfAttention::fuse_qkv`]).
+pub trait SelfAttentions {
+    /// Appends every self-attention block, in layer order.
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>);
+}
+
 /// Self-attention followed by its output block (`attention.*`).
 #[derive(Debug, Clone)]
 pub struct BertAttention {
@@ -232,10 +308,111 @@ impl BertAttention {
     }
 }
 
+impl SelfAttentions for BertSelfAttention {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        out.push(self);
+    }
+}
+
+impl SelfAttentions for BertAttention {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        out.push(&mut self.self_attention);
+    }
+}
+
 impl NamedLinears for BertAttention {
     fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
         self.self_attention
             .named_linears(&join_path(prefix, "self"), out);
         self.output.named_linears(&join_path(prefix, "output"), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fused QKV projection and packed kernel give the three-projection path's context and
+    /// probabilities, with a padding bias, in f64 (tight) and f32; fusing twice is a no-op, the
+    /// views left in `query`/`key`/`value` still compute their layers, and training ignores
+    /// the fused projection.
+    #[test]
+    fn fused_qkv_matches_separate_projections() {
+        let dev = Device::Cpu;
+        let config = Config {
+            hidden_size: 32,
+            num_attention_heads: 4,
+            ..Config::default()
+        };
+        for dtype in [DType::F64, DType::F32] {
+            let mut tensors = std::collections::HashMap::new();
+            for name in ["query", "key", "value"] {
+                let w = Tensor::randn(0f64, 0.3, (32, 32), &dev).unwrap();
+                let b = Tensor::randn(0f64, 0.3, 32, &dev).unwrap();
+                tensors.insert(format!("{name}.weight"), w.to_dtype(dtype).unwrap());
+                tensors.insert(format!("{name}.bias"), b.to_dtype(dtype).unwrap());
+            }
+            let vb = VarBuilder::from_tensors(tensors, dtype, &dev);
+            let separate = BertSelfAttention::load(&config, vb).unwrap();
+            let mut fused = separate.clone();
+            fused.fuse_qkv().unwrap();
+            fused.fuse_qkv().unwrap();
+            assert!(fused.qkv.is_some());
+            let x = Tensor::randn(0f64, 1.0, (3, 7, 32), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            // Sequence 1 has two padded keys, sequence 2 one.
+            let mask = Tensor::new(
+                &[
+                    [1u32, 1, 1, 1, 1, 1, 1],
+                    [1, 1, 1, 1, 1, 0, 0],
+                    [1, 1, 1, 1, 1, 1, 0],
+                ],
+                &dev,
+            )
+            .unwrap();
+            let bias = crate::padding_bias(&mask, 3, 7).unwrap();
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(d < tolerance, "{what} {dtype:?}: {d}");
+            };
+            let (ctx_a, probs_a) = separate.forward(&x, Some(&bias), false, true).unwrap();
+            let (ctx_b, probs_b) = fused.forward(&x, Some(&bias), false, true).unwrap();
+            close(&ctx_a, &ctx_b, "context");
+            close(&probs_a.unwrap(), &probs_b.unwrap(), "probabilities");
+            let (ctx_c, probs_c) = fused.forward(&x, Some(&bias), false, false).unwrap();
+            close(&ctx_a, &ctx_c, "context without probabilities");
+            assert!(probs_c.is_none());
+            for (a, b) in [
+                (&separate.query, &fused.query),
+                (&separate.key, &fused.key),
+                (&separate.value, &fused.value),
+            ] {
+                close(
+                    &a.forward(&x).unwrap(),
+                    &b.forward(&x).unwrap(),
+                    "view layer",
+                );
+            }
+            // train = true takes the three projections (no dropout configured to differ: p = 0).
+            let no_dropout = BertSelfAttention {
+                dropout: Dropout::new(0.0).unwrap(),
+                ..fused.clone()
+            };
+            let (ctx_d, _) = no_dropout.forward(&x, Some(&bias), true, false).unwrap();
+            close(&ctx_a, &ctx_d, "training path of a fused block");
+        }
     }
 }

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{Config, Result};
 
+use crate::attention::{BertSelfAttention, SelfAttentions};
 use crate::layer::BertLayer;
 use crate::mask::padding_bias;
 
@@ -117,6 +118,14 @@ impl BertEncoder {
             hidden_states: all_hidden,
             attentions: all_attentions,
         })
+    }
+}
+
+impl SelfAttentions for BertEncoder {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        for layer in &mut self.layers {
+            layer.self_attentions(out);
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{Config, Result};
 
-use crate::attention::BertAttention;
+use crate::attention::{BertAttention, BertSelfAttention, SelfAttentions};
 use crate::feed_forward::{BertIntermediate, BertOutput};
 
 /// `encoder.layer.N.*`.
@@ -40,6 +40,12 @@ impl BertLayer {
             .forward(hidden_states, bias, train, want_probs)?;
         let intermediate = self.intermediate.forward(&attended, train)?;
         Ok((self.output.forward(&intermediate, &attended, train)?, probs))
+    }
+}
+
+impl SelfAttentions for BertLayer {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        self.attention.self_attentions(out);
     }
 }
 

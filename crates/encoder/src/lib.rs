@@ -13,7 +13,7 @@ pub mod feed_forward;
 pub mod layer;
 pub mod mask;
 
-pub use attention::{BertAttention, BertSelfAttention, BertSelfOutput};
+pub use attention::{BertAttention, BertSelfAttention, BertSelfOutput, SelfAttentions};
 pub use encoder::{BertEncoder, EncoderOutput, ForwardOptions};
 pub use feed_forward::{BertIntermediate, BertOutput};
 pub use layer::BertLayer;

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{join_path, softmax_last_dim, Dropout, Linear, NamedLinears};
 use bert_embeddings::{Config, Error, ProblemType, Result};
-use bert_encoder::ForwardOptions;
+use bert_encoder::{BertSelfAttention, ForwardOptions, SelfAttentions};
 
 use crate::model::{BertInputs, BertModel};
 
@@ -104,6 +104,12 @@ impl BertForSequenceClassification {
     pub fn probabilities(&self, inputs: &BertInputs) -> Result<Tensor> {
         let logits = self.forward(inputs, &ForwardOptions::inference())?.logits;
         self.activation.apply(&logits)
+    }
+}
+
+impl SelfAttentions for BertForSequenceClassification {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        self.bert.self_attentions(out);
     }
 }
 

@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{activation, join_path, LayerNorm, Linear, NamedLinears};
 use bert_embeddings::{Config, HiddenAct, Result};
-use bert_encoder::ForwardOptions;
+use bert_encoder::{BertSelfAttention, ForwardOptions, SelfAttentions};
 
 use crate::model::{BertInputs, BertModel};
 
@@ -124,6 +124,12 @@ impl NamedLinears for BertLMPredictionHead {
         self.transform
             .dense
             .named_linears(&join_path(prefix, "transform.dense"), out);
+    }
+}
+
+impl SelfAttentions for BertForMaskedLM {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        self.bert.self_attentions(out);
     }
 }
 

@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{BertEmbeddings, Config, Result};
-use bert_encoder::{BertEncoder, ForwardOptions};
+use bert_encoder::{BertEncoder, BertSelfAttention, ForwardOptions, SelfAttentions};
 
 use crate::pooler::BertPooler;
 
@@ -135,6 +135,12 @@ impl BertModel {
             hidden_states: encoded.hidden_states,
             attentions: encoded.attentions,
         })
+    }
+}
+
+impl SelfAttentions for BertModel {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        self.encoder.self_attentions(out);
     }
 }
 

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{join_path, Linear, NamedLinears};
 use bert_embeddings::{Config, Error, Result};
-use bert_encoder::ForwardOptions;
+use bert_encoder::{BertSelfAttention, ForwardOptions, SelfAttentions};
 
 use crate::masked_lm::BertLMPredictionHead;
 use crate::model::{BertInputs, BertModel, BertModelOutput};
@@ -150,10 +150,22 @@ impl NamedLinears for BertNspHead {
     }
 }
 
+impl SelfAttentions for BertForNextSentencePrediction {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        self.bert.self_attentions(out);
+    }
+}
+
 impl NamedLinears for BertForNextSentencePrediction {
     fn named_linears<'a>(&'a mut self, prefix: &str, out: &mut Vec<(String, &'a mut Linear)>) {
         self.bert.named_linears(&join_path(prefix, "bert"), out);
         self.cls.named_linears(&join_path(prefix, "cls"), out);
+    }
+}
+
+impl SelfAttentions for BertForPreTraining {
+    fn self_attentions<'a>(&'a mut self, out: &mut Vec<&'a mut BertSelfAttention>) {
+        self.bert.self_attentions(out);
     }
 }
 
