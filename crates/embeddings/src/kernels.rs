@@ -83,12 +83,19 @@ impl Real for f32 {
                 * r
                 + 0.5;
         let e = poly * r * r + r + 1.0;
-        // n is in [-126, 127] after the clamp: a normal power of two.
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        match self {
-            v if v > HI => f32::INFINITY,
-            v if v < LO => 0.0,
-            _ => e * scale,
+        // 2^n from bits, n in [-126, 127] after the clamp (a normal power of two): n + 127 is
+        // exact in the low mantissa bits of n + 127 + 1.5 * 2^23, and moves to the exponent
+        // field. Integer lanes only: `n as i32` (a saturating conversion) and a `match` kept
+        // this function scalar, 13% of an inference forward pass in softmax and GELU.
+        let biased = (n + (ROUND + 127.0))
+            .to_bits()
+            .wrapping_sub(ROUND.to_bits());
+        let y = e * f32::from_bits(biased << 23);
+        let y = if self < LO { 0.0 } else { y };
+        if self > HI {
+            f32::INFINITY
+        } else {
+            y
         }
     }
 }
@@ -153,11 +160,15 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 /// Softmax of `row` in place; `row` holds the (scaled, biased) scores.
 #[inline(always)]
 fn softmax_in_place<T: Real>(row: &mut [T]) {
+    // A plain comparison, which compiles to vector max instructions; `Float::max`'s NaN rule
+    // (return the other operand) kept this loop scalar. A NaN score makes the row NaN either
+    // way (through `v - max` or the sum).
     let max = reduce_lanes(
         row.len(),
         T::neg_infinity(),
         |j| row[j],
-        num_traits::Float::max,
+        #[inline(always)]
+        |a, b| if a > b { a } else { b },
     );
     for v in row.iter_mut() {
         *v = (*v - max).exp_fast();
