@@ -762,6 +762,9 @@ impl CustomOp1 for DropoutOp {
 pub(crate) struct LinearOp {
     /// Keep-mask over the output and its `1 / (1 - p)` scale, in training.
     pub dropout: Option<(Arc<Vec<bool>>, f64)>,
+    /// Apply the erf GELU to the output in place (inference: the op then has no backward,
+    /// which would need the pre-activation values).
+    pub gelu: bool,
 }
 
 /// How a `[out, in]` weight lies in memory: as checkpoints store it (rows of `in`), or
@@ -843,6 +846,15 @@ impl LinearOp {
                 false,
                 parallelism,
             );
+        }
+        if self.gelu {
+            // While the GEMM's output is still in cache, chunk by chunk.
+            y.par_chunks_mut(1 << 12).for_each(|chunk| {
+                with_simd(
+                    #[inline(always)]
+                    || chunk.iter_mut().for_each(|v| *v = gelu(*v)),
+                )
+            });
         }
         if let Some((keep, scale)) = &self.dropout {
             let scale = T::from_f64(*scale);
@@ -950,6 +962,9 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.gelu {
+            candle_core::bail!("{}: the fused GELU is for inference only", self.name())
+        }
         let (out_dim, in_dim) = w.dims2()?;
         let rows = x.elem_count() / in_dim.max(1);
         // Through the dropout mask first, then as a plain [rows, out] gradient.

@@ -212,6 +212,7 @@ impl Linear {
                     &bias.contiguous()?,
                     crate::kernels::LinearOp {
                         dropout: kernel_dropout,
+                        gelu: false,
                     },
                 )?;
                 if self.adapter.is_none() {
@@ -243,6 +244,38 @@ impl Linear {
         match dropout {
             Some(d) => d.forward(&y, train),
             None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    /// `act(linear(x))` for inference. On the CPU (f32/f64, with a bias, no adapter, nothing
+    /// tracking a gradient) the erf GELU is applied inside the linear kernel, on its output in
+    /// place: no second pass over a fresh tensor. Otherwise the layer, then [`activation`].
+    pub fn forward_activation(&self, x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
+        let fused = act == HiddenAct::Gelu
+            && x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.adapter.is_none()
+            && !x.track_op()
+            && !self.weight.track_op()
+            && self.bias.as_ref().is_some_and(|b| !b.track_op());
+        match (&self.bias, fused) {
+            (Some(bias), true) => {
+                let weight = match crate::kernels::WeightLayout::of(self.weight.layout()) {
+                    Some(_) => self.weight.clone(),
+                    None => self.weight.contiguous()?,
+                };
+                x.contiguous()?.apply_op3_no_bwd(
+                    &weight,
+                    &bias.contiguous()?,
+                    &crate::kernels::LinearOp {
+                        dropout: None,
+                        gelu: true,
+                    },
+                )
+            }
+            _ => activation(act, &self.forward_t(x, false)?),
         }
     }
 }
@@ -1068,5 +1101,47 @@ mod tests {
         let y = Linear::new(w.clone(), Some(b)).forward(&x).unwrap();
         let expected = x.matmul(&w.t().unwrap()).unwrap();
         assert!(max_abs_diff(&y, &expected) < 1e-5);
+    }
+
+    /// The GELU fused into the linear kernel gives the layer-then-activation values, in both
+    /// weight layouts; a weight that tracks gradients takes the unfused path (which has a
+    /// backward).
+    #[test]
+    fn fused_gelu_matches_linear_then_activation() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let w = Tensor::randn(0f64, 1.0, (48, 20), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = Tensor::randn(0f64, 1.0, 48, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let x = Tensor::randn(0f64, 1.0, (3, 70, 20), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let mut linear = Linear::new(w.clone(), Some(b.clone()));
+            let expected = activation(HiddenAct::Gelu, &linear.forward(&x).unwrap()).unwrap();
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for _ in 0..2 {
+                let fused = linear.forward_activation(&x, HiddenAct::Gelu).unwrap();
+                let d = max_abs_diff64(&fused, &expected);
+                assert!(d < tolerance, "{dtype:?}: {d}");
+                linear.use_inference_layout().unwrap();
+            }
+            let relu = linear.forward_activation(&x, HiddenAct::Relu).unwrap();
+            assert!(
+                max_abs_diff64(&relu, &linear.forward(&x).unwrap().relu().unwrap()) < tolerance
+            );
+        }
+        let w = Var::randn(0f32, 1.0, (8, 4), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, 8, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+        let linear = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let y = linear.forward_activation(&x, HiddenAct::Gelu).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(w.as_tensor()).is_some());
     }
 }

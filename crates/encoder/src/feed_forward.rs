@@ -23,8 +23,12 @@ impl BertIntermediate {
         })
     }
 
-    /// `act(dense(x))`; `train` only matters for a LoRA adapter's dropout.
+    /// `act(dense(x))`; `train` only matters for a LoRA adapter's dropout. In inference the
+    /// activation runs inside the dense layer's kernel where it can (`Linear::forward_activation`).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return Ok(self.dense.forward_activation(x, self.act)?);
+        }
         Ok(activation(self.act, &self.dense.forward_t(x, train)?)?)
     }
 }
