@@ -3,10 +3,11 @@
 
     python3 tests/scripts/lee/lee_metrics.py pair TEST_TSV SCORES_JSONL NAME
         one JSON line: Pearson and Spearman of one model's scores (one {"score": x} line per row)
-    python3 tests/scripts/lee/lee_metrics.py kfold OUT_DIR
+    python3 tests/scripts/lee/lee_metrics.py kfold OUT_DIR [--markdown]
         reads OUT_DIR/fold*/ (tests/scripts/lee/run_lee_kfold.sh) and prints, per model, each fold's
         Spearman and Pearson, their mean and standard deviation over folds, and the correlations of
-        all held-out pairs pooled (every pair is scored by the model that did not see its documents)
+        all held-out pairs pooled (every pair is scored by the model that did not see its documents);
+        as JSON, or with --markdown as the table of the model card
 
 Standard library only (CI's python3 has no scipy). Spearman is Pearson of average ranks (ties
 share their mean rank), as scipy.stats.spearmanr computes it.
@@ -75,7 +76,7 @@ def pair(test_tsv, scores_path, name):
     print(json.dumps({"implementation": name, "test_pairs": len(y), "pearson": pearson(s, y), "spearman": spearman(s, y)}))
 
 
-def kfold(out):
+def kfold(out, markdown=False):
     folds = sorted(p for p in Path(out).glob("fold*") if p.is_dir())
     if not folds:
         sys.exit(f"no fold*/ directories in {out}")
@@ -101,13 +102,25 @@ def kfold(out):
             "pooled_spearman": spearman(all_s, all_y),
             "pooled_pearson": pearson(all_s, all_y),
         }
-    print(json.dumps(summary, indent=2))
+    if not markdown:
+        print(json.dumps(summary, indent=2))
+        return
+    folds = summary["folds"]
+    print("| model | " + " | ".join(f"{f} Spearman / Pearson" for f in folds)
+          + " | mean Spearman (sd) | mean Pearson | pooled Spearman / Pearson |")
+    print("|---" * (len(folds) + 4) + "|")
+    for name, m in summary["models"].items():
+        cells = {f["fold"]: f"{f['spearman']:.3f} / {f['pearson']:.3f}" for f in m["per_fold"]}
+        sd = f" ({m['sd_spearman']:.3f})" if m["sd_spearman"] is not None else ""
+        print(f"| {name} | " + " | ".join(cells.get(f, "-") for f in folds)
+              + f" | {m['mean_spearman']:.3f}{sd} | {m['mean_pearson']:.3f}"
+              + f" | {m['pooled_spearman']:.3f} / {m['pooled_pearson']:.3f} ({m['pooled_pairs']} pairs) |")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "pair":
         pair(*sys.argv[2:])
-    elif len(sys.argv) == 3 and sys.argv[1] == "kfold":
-        kfold(sys.argv[2])
+    elif len(sys.argv) in (3, 4) and sys.argv[1] == "kfold" and sys.argv[3:] in ([], ["--markdown"]):
+        kfold(sys.argv[2], markdown=len(sys.argv) == 4)
     else:
         sys.exit(__doc__)
