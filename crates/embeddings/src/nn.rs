@@ -562,11 +562,7 @@ pub fn fused_attention(
     let context = q
         .contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-    let probs = want_probs
-        .then(|| saved.probabilities((batch, heads, seq, seq)))
-        .transpose()?
-        .map(|p| p.to_device(q.device()))
-        .transpose()?;
+    let probs = kept_probabilities(&saved, want_probs, (batch, heads, seq, seq), q.device())?;
     Ok(Some((context, probs)))
 }
 
@@ -593,12 +589,20 @@ pub fn fused_attention_packed(
     let context = qkv
         .contiguous()?
         .apply_op1_no_bwd(&crate::kernels::PackedAttentionOp(op))?;
-    let probs = want_probs
-        .then(|| saved.probabilities((batch, heads, seq, seq)))
-        .transpose()?
-        .map(|p| p.to_device(qkv.device()))
-        .transpose()?;
+    let probs = kept_probabilities(&saved, want_probs, (batch, heads, seq, seq), qkv.device())?;
     Ok(Some((context, probs)))
+}
+
+/// The probabilities an attention kernel kept, on `device`, when the caller asked for them.
+fn kept_probabilities(
+    saved: &crate::kernels::SavedAttention,
+    want_probs: bool,
+    shape: (usize, usize, usize, usize),
+    device: &candle_core::Device,
+) -> candle_core::Result<Option<Tensor>> {
+    want_probs
+        .then(|| saved.probabilities(shape)?.to_device(device))
+        .transpose()
 }
 
 /// Whether the CPU attention kernel applies to `x` (CPU, f32/f64, non-empty, heads dividing
