@@ -98,7 +98,7 @@ fn main() -> Result<()> {
 }
 
 /// The benchmark batch, the same in every implementation (`compare_inference.py` builds it with
-/// the same formula): [CLS] word pieces [SEP], every position a real token, one segment.
+/// the same formula): `[CLS]` word pieces `[SEP]`, every position a real token, one segment.
 fn benchmark_ids(batch: usize, seq: usize) -> Vec<u32> {
     (0..batch)
         .flat_map(|i| {
