@@ -160,12 +160,21 @@ impl Linear {
     /// the weight, so it is detached from any gradient; a weight already in that layout is left
     /// as is.
     pub fn use_inference_layout(&mut self) -> Result<()> {
-        let (out_dim, _) = self.weight.dims2()?;
-        let transposed = self.weight.stride() == [1, out_dim] && !self.weight.is_contiguous();
-        if !transposed {
+        self.weight.dims2()?;
+        let layout = crate::kernels::WeightLayout::of(self.weight.layout());
+        if !matches!(layout, Some((crate::kernels::WeightLayout::InByOut, _))) {
             self.weight = self.weight.detach().t()?.contiguous()?.t()?;
         }
         Ok(())
+    }
+
+    /// The weight as the CPU kernel takes it: either layout in place, any other striding
+    /// copied to a contiguous one.
+    fn kernel_weight(&self) -> candle_core::Result<Tensor> {
+        match crate::kernels::WeightLayout::of(self.weight.layout()) {
+            Some(_) => Ok(self.weight.clone()),
+            None => self.weight.contiguous(),
+        }
     }
 
     /// The layer's output; `train` turns the adapter's dropout on.
@@ -202,13 +211,8 @@ impl Linear {
                     )),
                     _ => None,
                 };
-                // Either weight layout is read in place (see `use_inference_layout`).
-                let weight = match crate::kernels::WeightLayout::of(self.weight.layout()) {
-                    Some(_) => self.weight.clone(),
-                    None => self.weight.contiguous()?,
-                };
                 let y = x.contiguous()?.apply_op3(
-                    &weight,
+                    &self.kernel_weight()?,
                     &bias.contiguous()?,
                     crate::kernels::LinearOp {
                         dropout: kernel_dropout,
@@ -261,20 +265,14 @@ impl Linear {
             && !self.weight.track_op()
             && self.bias.as_ref().is_some_and(|b| !b.track_op());
         match (&self.bias, fused) {
-            (Some(bias), true) => {
-                let weight = match crate::kernels::WeightLayout::of(self.weight.layout()) {
-                    Some(_) => self.weight.clone(),
-                    None => self.weight.contiguous()?,
-                };
-                x.contiguous()?.apply_op3_no_bwd(
-                    &weight,
-                    &bias.contiguous()?,
-                    &crate::kernels::LinearOp {
-                        dropout: None,
-                        gelu: true,
-                    },
-                )
-            }
+            (Some(bias), true) => x.contiguous()?.apply_op3_no_bwd(
+                &self.kernel_weight()?,
+                &bias.contiguous()?,
+                &crate::kernels::LinearOp {
+                    dropout: None,
+                    gelu: true,
+                },
+            ),
             _ => activation(act, &self.forward_t(x, false)?),
         }
     }
