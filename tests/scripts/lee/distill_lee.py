@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
 """Teacher-labelled pairs from the unlabelled Lee background corpus (distillation data).
 
-The teacher is the zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2 embeddings). Its
-cosines are put on the human rating scale by a least-squares line fitted on the *training* pairs
-only (human label against teacher cosine), clipped to [0, 1]. Pairs are drawn so that every band
+The teacher is the zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2 embeddings). With
+--train-scores, its cosines are put on the human rating scale by a least-squares line fitted on the
+*training* pairs only (human label against teacher cosine), clipped to [0, 1]; without it no Lee
+label is read at all and the label is the cosine clipped to [0, 1] (a fold-independent stage that
+is fine-tuned on each fold's training pairs afterwards: run_lee_two_stage.sh). Pairs are drawn so that every band
 of teacher cosine is represented: the background's pairs are mostly unrelated news, and a uniform
 draw would teach little but "dissimilar".
 
     python3 tests/scripts/lee/distill_lee.py DATA_DIR --embeddings background.jsonl \
-        --train-scores train_bi.jsonl [--pairs 1200 --bands 10 --seed 0]
+        [--train-scores train_bi.jsonl] [--pairs 1200 --bands 10 --seed 0]
 
 Reads DATA_DIR/background.txt and DATA_DIR/train.tsv (from prepare_lee.py), the teacher's
 embeddings of the background documents (`bert embed --normalize --input background.txt`, one JSON
 line per document) and its scores of the training pairs (`bert score --mode bi --input train.tsv`).
-Writes DATA_DIR/distill.tsv (the teacher-labelled pairs) and DATA_DIR/train_distill.tsv (the
-training pairs followed by those), and prints the calibration and counts as one JSON line.
+Writes DATA_DIR/distill.tsv (the teacher-labelled pairs) and, with --train-scores,
+DATA_DIR/train_distill.tsv (the training pairs followed by those), and prints the calibration and counts as one JSON line.
 No test pair, test document or test label is read.
 """
 
@@ -42,7 +44,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path)
     p.add_argument("--embeddings", type=Path, required=True)
-    p.add_argument("--train-scores", type=Path, required=True)
+    p.add_argument("--train-scores", type=Path)
     p.add_argument("--pairs", type=int, default=1200)
     p.add_argument("--bands", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -53,11 +55,16 @@ def main():
     if len(vectors) != len(docs):
         raise SystemExit(f"{len(vectors)} embeddings for {len(docs)} background documents")
 
-    train = read_pairs(args.data / "train.tsv")
-    teacher = [json.loads(line)["score"] for line in open(args.train_scores)]
-    if len(teacher) != len(train):
-        raise SystemExit(f"{len(teacher)} teacher scores for {len(train)} training pairs")
-    slope, intercept = fit_line(teacher, [float(r["label"]) for r in train])
+    if args.train_scores:
+        train = read_pairs(args.data / "train.tsv")
+        teacher = [json.loads(line)["score"] for line in open(args.train_scores)]
+        if len(teacher) != len(train):
+            raise SystemExit(f"{len(teacher)} teacher scores for {len(train)} training pairs")
+        slope, intercept = fit_line(teacher, [float(r["label"]) for r in train])
+        calibration = {"slope": slope, "intercept": intercept, "fitted_on": "train.tsv"}
+    else:
+        train, slope, intercept = [], 1.0, 0.0
+        calibration = "none: the cosine clipped to [0, 1]"
 
     pairs = []
     for i in range(len(docs)):
@@ -85,11 +92,12 @@ def main():
     header = "text_a\ttext_b\tlabel\n"
     distill_rows = [f"{docs[i]}\t{docs[j]}\t{label(c):.6f}\n" for c, i, j in chosen]
     (args.data / "distill.tsv").write_text(header + "".join(distill_rows))
-    train_rows = [f"{r['text_a']}\t{r['text_b']}\t{r['label']}\n" for r in train]
-    (args.data / "train_distill.tsv").write_text(header + "".join(train_rows + distill_rows))
+    if args.train_scores:
+        train_rows = [f"{r['text_a']}\t{r['text_b']}\t{r['label']}\n" for r in train]
+        (args.data / "train_distill.tsv").write_text(header + "".join(train_rows + distill_rows))
     print(json.dumps({
         "teacher": "zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2)",
-        "calibration": {"slope": slope, "intercept": intercept, "fitted_on": "train.tsv"},
+        "calibration": calibration,
         "background_documents": len(docs),
         "distill_pairs": len(chosen),
         "band_sizes": [len(b) for b in bands],

