@@ -117,18 +117,66 @@ fn saved_step(out: &Path) -> u64 {
 
 #[test]
 fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
-    kill_and_resume(&[]);
+    kill_and_resume(&[], Damage::None);
 }
 
 #[test]
 fn sigkill_then_resume_reproduces_the_uninterrupted_lora_run() {
     // Adapter dropout on, so the resumed run must also restore the dropout stream.
-    kill_and_resume(&["--lora", "4", "--lora-alpha", "16", "--lora-dropout", "0.1"]);
+    kill_and_resume(
+        &["--lora", "4", "--lora-alpha", "16", "--lora-dropout", "0.1"],
+        Damage::None,
+    );
 }
 
-/// Runs the recipe (plus `extra` flags) uninterrupted, then again killed with SIGKILL after a
-/// checkpoint and resumed; both must end with the same metrics, best step and log.
-fn kill_and_resume(extra: &[&str]) {
+#[test]
+fn damaged_last_checkpoint_falls_back_to_the_previous_one() {
+    kill_and_resume(&[], Damage::LastWeights);
+}
+
+#[test]
+fn full_disk_while_writing_a_checkpoint_keeps_the_last_one() {
+    let (dir, model, train, eval) = workspace((48, 0), (16, 3));
+    let whole = dir.path().join("whole").display().to_string();
+    let expected = report(&run(&finetune_args(&model, &train, &eval, &whole)));
+    let out = dir.path().join("full");
+    let out_str = out.display().to_string();
+    // The third checkpoint write fails as a full disk does: after step 4's best/ and last/.
+    let failed = Command::new(env!("CARGO_BIN_EXE_bert"))
+        .args(finetune_args(&model, &train, &eval, &out_str))
+        .env("BERT_FINETUNE_TEST_FULL_DISK_AT_WRITE", "3")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert_eq!(saved_step(&out), 4, "the last good checkpoint is step 4's");
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".staging-"))
+        .collect();
+    assert!(leftovers.is_empty(), "half-written: {leftovers:?}");
+    // With space again, the run resumes from it and ends as the uninterrupted one.
+    let mut args = finetune_args(&model, &train, &eval, &out_str);
+    args.push("--resume");
+    let resumed = report(&run(&args));
+    assert_eq!(resumed["final"], expected["final"]);
+    assert_eq!(resumed["best"], expected["best"]);
+}
+
+/// What to do to the checkpoint a killed run left before resuming it.
+#[derive(Clone, Copy, PartialEq)]
+enum Damage {
+    None,
+    /// Flip a byte of `last/`'s weights: the resume must notice and use `last.previous`.
+    LastWeights,
+}
+
+/// Runs the recipe (plus `extra` flags) uninterrupted, then again killed with SIGKILL at a
+/// random point after a random checkpoint and resumed; both must end with the same metrics,
+/// best step and log.
+fn kill_and_resume(extra: &[&str], damage: Damage) {
     let (dir, model, train, eval) = workspace((48, 0), (16, 3));
     let whole = dir.path().join("whole").display().to_string();
     let args_for = |out: &'_ str| -> Vec<String> {
@@ -141,6 +189,19 @@ fn kill_and_resume(extra: &[&str]) {
     let expected = report(&run_owned(&args_for(&whole)));
     assert_eq!(expected["steps"], 36);
 
+    // Where to kill: after the checkpoint of a random step (every 4th is checkpointed;
+    // at least 8 so that a previous checkpoint exists; at most 28, so the run cannot finish first),
+    // plus a random 0-249 ms into what follows.
+    let random = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    let target = 8 + 4 * (random % 6);
+    let extra_ms = (random >> 8) % 250;
+    let context = format!("killed after the step-{target} checkpoint + {extra_ms} ms");
+
     let killed = dir.path().join("killed");
     let killed_str = killed.display().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_bert"))
@@ -151,41 +212,60 @@ fn kill_and_resume(extra: &[&str]) {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while saved_step(&killed) < 8 {
+    while saved_step(&killed) < target {
         assert!(
             Instant::now() < deadline,
-            "no checkpoint at step 8 within a minute"
+            "{context}: no checkpoint within a minute"
         );
         assert!(
             child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
+            "{context}: the run ended before it could be killed"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    std::thread::sleep(Duration::from_millis(extra_ms));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let interrupted_at = saved_step(&killed);
     assert!(
         (8..36).contains(&interrupted_at),
-        "killed at step {interrupted_at}"
+        "{context}: saved step {interrupted_at}"
     );
+    if damage == Damage::LastWeights {
+        let weights = killed.join("last").join("model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(&weights, bytes).unwrap();
+    }
 
     let mut args = args_for(&killed_str);
     args.push("--resume".into());
-    let resumed = report(&run_owned(&args));
-    assert_eq!(resumed["steps"], expected["steps"]);
+    let resumed_out = run_owned(&args);
+    let resumed = report(&resumed_out);
+    let stderr = String::from_utf8_lossy(&resumed_out.stderr);
+    if damage == Damage::LastWeights {
+        assert!(
+            stderr.contains("is damaged (model.safetensors does not match its sha256")
+                && stderr.contains("last.previous"),
+            "{context}: {stderr}"
+        );
+    } else {
+        assert!(!stderr.contains("damaged"), "{context}: {stderr}");
+    }
+    assert_eq!(resumed["steps"], expected["steps"], "{context}");
     assert_eq!(
         resumed["final"], expected["final"],
-        "resumed final metrics differ"
+        "{context}: resumed final metrics differ"
     );
-    assert_eq!(resumed["best"], expected["best"]);
-    // Nothing half-written is left behind.
+    assert_eq!(resumed["best"], expected["best"], "{context}");
+    // Nothing half-written is left behind; only last/'s kept predecessor.
     let leftovers: Vec<_> = std::fs::read_dir(&killed)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.') || n.ends_with(".previous"))
+        .filter(|n| n.starts_with('.') || (n.ends_with(".previous") && n != "last.previous"))
         .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(leftovers.is_empty(), "{context}: {leftovers:?}");
     // The logs agree line for line too (throughput aside).
     let strip = |path: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)
@@ -200,7 +280,8 @@ fn kill_and_resume(extra: &[&str]) {
     };
     assert_eq!(
         strip(&killed.join("metrics.jsonl")),
-        strip(&dir.path().join("whole").join("metrics.jsonl"))
+        strip(&dir.path().join("whole").join("metrics.jsonl")),
+        "{context}"
     );
 }
 

@@ -2,7 +2,9 @@
 //! the training state that makes `--resume` continue exactly (optimizer moments, step, epoch,
 //! position in the epoch, best metric). Every checkpoint directory is written beside its final
 //! place, flushed to disk, and renamed into place, so a crash leaves either the old or the new
-//! checkpoint, never half of one.
+//! checkpoint, never half of one. Each records the sha256 of its files (`checksums.json`, written
+//! last); the `last` checkpoint keeps its predecessor as `last.previous`, and a resume that finds
+//! `last` damaged (a bad disk, a file edited by hand) falls back to it with a warning.
 
 use std::collections::HashMap;
 use std::fs;
@@ -15,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::trainable::{save_weights, sync_file};
+
+/// The sha256 of every other file of a checkpoint, by file name; written last.
+const CHECKSUMS: &str = "checksums.json";
 
 /// Tokenizer and vocabulary files copied from the base model, when it has them.
 const TOKENIZER_FILES: &[&str] = &[
@@ -53,7 +58,9 @@ pub enum Weights<'a> {
 
 /// Writes an HF `BertForSequenceClassification` checkpoint (or a PEFT adapter for one, with
 /// the classifier's `config.json` beside it) to `dir`, replacing it atomically, with the
-/// training state when given (`trainer_state.json`, `optimizer.safetensors`).
+/// training state when given (`trainer_state.json`, `optimizer.safetensors`; the replaced
+/// checkpoint is then kept as [`previous_of`] `dir`, the fallback of [`resumable`]). On failure
+/// (a full disk, say) `dir` is untouched and nothing half-written is left.
 pub fn write_model(
     dir: &Path,
     config: &Config,
@@ -62,6 +69,22 @@ pub fn write_model(
     state: Option<(&TrainingState, &HashMap<String, Tensor>)>,
 ) -> Result<()> {
     let staging = staging_dir(dir)?;
+    let written = write_files(&staging, config, weights, base, state);
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    replace_dir(&staging, dir, state.is_some())
+}
+
+fn write_files(
+    staging: &Path,
+    config: &Config,
+    weights: Weights,
+    base: &ModelFiles,
+    state: Option<(&TrainingState, &HashMap<String, Tensor>)>,
+) -> Result<()> {
+    test_hook_full_disk(staging)?;
     let mut config = config.clone();
     config.architectures = vec!["BertForSequenceClassification".into()];
     write_synced(
@@ -69,13 +92,13 @@ pub fn write_model(
         config.to_json_string().as_bytes(),
     )?;
     match weights {
-        Weights::Full(tensors) => save_weights(tensors, &staging, "model.safetensors")?,
+        Weights::Full(tensors) => save_weights(tensors, staging, "model.safetensors")?,
         Weights::Adapter(lora, tensors) => {
             write_synced(
                 &staging.join(ADAPTER_CONFIG),
                 lora.to_json_string().as_bytes(),
             )?;
-            save_weights(tensors, &staging, ADAPTER_WEIGHTS)?;
+            save_weights(tensors, staging, ADAPTER_WEIGHTS)?;
         }
     }
     for name in TOKENIZER_FILES {
@@ -88,9 +111,52 @@ pub fn write_model(
     if let Some((state, optimizer)) = state {
         let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Setting(e.to_string()))?;
         write_synced(&staging.join("trainer_state.json"), &json)?;
-        save_weights(optimizer, &staging, "optimizer.safetensors")?;
+        save_weights(optimizer, staging, "optimizer.safetensors")?;
     }
-    replace_dir(&staging, dir)
+    let mut sums = std::collections::BTreeMap::new();
+    for entry in fs::read_dir(staging).map_err(|e| Error::io(staging, e))? {
+        let path = entry.map_err(|e| Error::io(staging, e))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        sums.insert(name.into_owned(), bert::source::sha256_file(&path)?);
+    }
+    let json = serde_json::to_vec_pretty(&sums).map_err(|e| Error::Setting(e.to_string()))?;
+    write_synced(&staging.join(CHECKSUMS), &json)
+}
+
+/// Why `dir` is not the checkpoint its `checksums.json` describes, if it is not. A checkpoint
+/// written before checksums existed passes.
+pub fn verify(dir: &Path) -> std::result::Result<(), String> {
+    let path = dir.join(CHECKSUMS);
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let sums: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&text).map_err(|e| format!("{CHECKSUMS} is unreadable: {e}"))?;
+    for (name, expected) in &sums {
+        let actual = bert::source::sha256_file(&dir.join(name)).map_err(|e| e.to_string())?;
+        if &actual != expected {
+            return Err(format!("{name} does not match its sha256 in {CHECKSUMS}"));
+        }
+    }
+    Ok(())
+}
+
+/// Test hook: `BERT_FINETUNE_TEST_FULL_DISK_AT_WRITE=N` makes this process's Nth checkpoint
+/// write fail as a full disk does (ENOSPC), so the tests can show what a full disk leaves.
+fn test_hook_full_disk(staging: &Path) -> Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let fail_at = std::env::var("BERT_FINETUNE_TEST_FULL_DISK_AT_WRITE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if fail_at == Some(write) {
+        const ENOSPC: i32 = 28;
+        return Err(Error::io(
+            staging.join("model.safetensors"),
+            std::io::Error::from_raw_os_error(ENOSPC),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads the training state of a `last` checkpoint.
@@ -123,9 +189,9 @@ fn staging_dir(dir: &Path) -> Result<PathBuf> {
     Ok(staging)
 }
 
-/// Puts `staging` at `dir`: the old `dir` is moved to `dir.previous` first, then removed once
-/// the new one is in place.
-fn replace_dir(staging: &Path, dir: &Path) -> Result<()> {
+/// Puts `staging` at `dir`: the old `dir` is moved to `dir.previous` first, then (unless
+/// `keep_previous`) removed once the new one is in place.
+fn replace_dir(staging: &Path, dir: &Path, keep_previous: bool) -> Result<()> {
     let previous = previous_of(dir);
     if dir.exists() {
         if previous.exists() {
@@ -138,7 +204,7 @@ fn replace_dir(staging: &Path, dir: &Path) -> Result<()> {
         // Make the renames durable.
         let _ = fs::File::open(parent).and_then(|d| d.sync_all());
     }
-    if previous.exists() {
+    if previous.exists() && !keep_previous {
         fs::remove_dir_all(&previous).map_err(|e| Error::io(&previous, e))?;
     }
     Ok(())
@@ -167,13 +233,34 @@ pub fn previous_of(dir: &Path) -> PathBuf {
     dir.with_file_name(format!("{name}.previous"))
 }
 
-/// The checkpoint to resume from: `dir`, or the previous one when a crash came between the two
-/// renames that replace a checkpoint.
-pub fn resumable(dir: &Path) -> Option<PathBuf> {
-    [dir.to_path_buf(), previous_of(dir)].into_iter().find(|d| {
-        d.join("trainer_state.json").is_file()
-            && (d.join("model.safetensors").is_file() || d.join(ADAPTER_WEIGHTS).is_file())
-    })
+/// The checkpoint to resume from: `dir` when it is whole and matches its checksums, else the
+/// previous one (kept beside it; also where a crash between the two renames that replace a
+/// checkpoint leaves it). The second value is a warning naming what was wrong with `dir`
+/// when the previous one is used instead.
+pub fn resumable(dir: &Path) -> Option<(PathBuf, Option<String>)> {
+    let mut problem = None;
+    for candidate in [dir.to_path_buf(), previous_of(dir)] {
+        let complete = candidate.join("trainer_state.json").is_file()
+            && (candidate.join("model.safetensors").is_file()
+                || candidate.join(ADAPTER_WEIGHTS).is_file());
+        if !complete {
+            continue;
+        }
+        match verify(&candidate) {
+            Ok(()) => {
+                let warning = problem.map(|p: String| {
+                    format!(
+                        "{} is damaged ({p}); resuming from the checkpoint before it, {}",
+                        dir.display(),
+                        candidate.display()
+                    )
+                });
+                return Some((candidate, warning));
+            }
+            Err(reason) => problem = Some(reason),
+        }
+    }
+    None
 }
 
 /// Exports `files` (a base with a LoRA adapter, see [`ModelFiles::with_adapter`]) as a plain
