@@ -1,5 +1,6 @@
 //! The hub source with HF_HUB_OFFLINE: a cached model loads, a missing one is a clear error at
-//! once. (One test per binary: it sets process-wide environment variables.)
+//! once; online with the hub unreachable, a clear error at once too. (One test per binary: it
+//! sets process-wide environment variables.)
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,25 @@ fn offline_hub_reads_the_cache_and_fails_fast_on_a_miss() {
         .to_string();
     assert!(
         message.contains("revision v2 is not in the hub cache"),
+        "{message}"
+    );
+
+    // Online, with the hub's host refusing connections (port 9 on the loopback: nothing
+    // listens there): a Fetch error at once, naming the host and the ways out.
+    std::env::remove_var("HF_HUB_OFFLINE");
+    std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
+    let start = Instant::now();
+    let error = "hf:acme/absent"
+        .parse::<ModelSource>()
+        .unwrap()
+        .fetch()
+        .unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(matches!(error, bert::Error::Fetch { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains("the hub (127.0.0.1:9) is unreachable")
+            && message.contains("HF_HUB_OFFLINE=1"),
         "{message}"
     );
 }

@@ -82,6 +82,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A text given to a pipeline cannot be encoded (see [`crate::limits::text_problem`]).
+    #[error("input {item}: {reason}")]
+    Input {
+        /// Which text: `text 3`, `pair 0 text_b`, `query`, ...
+        item: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// An option value is not one of the accepted ones.
     #[error("invalid option: {0}")]
     InvalidOption(String),

@@ -26,6 +26,7 @@ pub mod allocator;
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod limits;
 pub mod load;
 pub mod lora;
 pub mod manifest;

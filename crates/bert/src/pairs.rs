@@ -67,7 +67,19 @@ fn data_error(path: &Path, line: u64, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Streams the rows of a pair file in order.
+/// Refuses a row whose text [`crate::limits::text_problem`] objects to (empty, oversized,
+/// NUL bytes), naming the column.
+fn checked(path: &Path, record: PairRecord) -> Result<PairRecord> {
+    for (column, text) in [("text_a", &record.text_a), ("text_b", &record.text_b)] {
+        if let Some(problem) = crate::limits::text_problem(text, false) {
+            return Err(data_error(path, record.line, format!("{column} {problem}")));
+        }
+    }
+    Ok(record)
+}
+
+/// Streams the rows of a pair file in order. Rows with an empty, oversized or NUL-holding text
+/// are errors too (see [`crate::limits`]).
 pub fn read_pair_records(
     path: &Path,
     format: PairFormat,
@@ -89,6 +101,13 @@ fn jsonl_records(path: PathBuf, file: File) -> impl Iterator<Item = Result<PairR
             let line_no = i as u64 + 1;
             let text = match line {
                 Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Some(Err(data_error(
+                        &path,
+                        line_no,
+                        "invalid UTF-8 (not a UTF-8 text file?)",
+                    )))
+                }
                 Err(e) => return Some(Err(data_error(&path, line_no, e.to_string()))),
             };
             if text.trim().is_empty() {
@@ -114,7 +133,10 @@ fn jsonl_records(path: PathBuf, file: File) -> impl Iterator<Item = Result<PairR
                     label,
                 })
             })();
-            Some(row.map_err(|reason| data_error(&path, line_no, reason)))
+            Some(
+                row.map_err(|reason| data_error(&path, line_no, reason))
+                    .and_then(|record| checked(&path, record)),
+            )
         })
 }
 
@@ -156,7 +178,9 @@ fn delimited_records(
                 let line = lines
                     .first_content_line(e.position().map(|p| p.byte()).unwrap_or(record_start));
                 let cause = match e.kind() {
-                    csv::ErrorKind::Utf8 { .. } => "invalid UTF-8".to_string(),
+                    csv::ErrorKind::Utf8 { .. } => {
+                        "invalid UTF-8 (not a UTF-8 text file?)".to_string()
+                    }
                     other => format!("{other:?}"),
                 };
                 // After bad UTF-8 the reader goes on with the next record; after an I/O error it
@@ -212,12 +236,15 @@ fn delimited_records(
             )),
         };
         return Some(match row {
-            Ok((text_a, text_b, label)) => Ok(PairRecord {
-                line,
-                text_a,
-                text_b,
-                label,
-            }),
+            Ok((text_a, text_b, label)) => checked(
+                &path,
+                PairRecord {
+                    line,
+                    text_a,
+                    text_b,
+                    label,
+                },
+            ),
             Err(reason) => Err(data_error(&path, line, reason)),
         });
     })

@@ -7,12 +7,14 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use bert_embeddings::Config;
 use bert_heads::{BertForSequenceClassification, BertInputs, BertModel};
 
 use bert_encoder::ForwardOptions;
 
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
+use crate::limits::MAX_TOKENS_PER_BATCH;
 use crate::load::{load, ModelFiles};
 use crate::source::ModelSource;
 use crate::tokenize::{
@@ -93,8 +95,12 @@ pub struct PipelineOptions {
     pub truncation: Truncation,
     /// Refuse over-long input instead of truncating.
     pub error_on_overflow: bool,
-    /// Cap on padded tokens (batch size x longest sequence) per forward pass.
+    /// Cap on padded tokens (batch size x longest sequence) per forward pass (at most
+    /// [`MAX_TOKENS_PER_BATCH`]).
     pub max_tokens_per_batch: usize,
+    /// Encode empty and whitespace-only texts as transformers does (`[CLS] [SEP]`) instead of
+    /// refusing them with [`Error::Input`] (off by default: an empty text is usually a data bug).
+    pub allow_empty_texts: bool,
 }
 
 impl Default for PipelineOptions {
@@ -106,6 +112,7 @@ impl Default for PipelineOptions {
             truncation: Truncation::LongestFirst,
             error_on_overflow: false,
             max_tokens_per_batch: 8192,
+            allow_empty_texts: false,
         }
     }
 }
@@ -116,13 +123,22 @@ struct Runner {
     tokenizer: BertTokenizer,
     device: Device,
     max_tokens_per_batch: usize,
+    allow_empty_texts: bool,
 }
 
 impl Runner {
-    fn new(files: &ModelFiles, max_positions: usize, options: &PipelineOptions) -> Result<Self> {
+    fn new(files: &ModelFiles, config: &Config, options: &PipelineOptions) -> Result<Self> {
+        let max_positions = config.max_position_embeddings;
         let path = files.tokenizer.as_ref().ok_or_else(|| {
             Error::checkpoint(&files.dir, "no tokenizer.json: text cannot be tokenized")
         })?;
+        if options.max_tokens_per_batch > MAX_TOKENS_PER_BATCH {
+            return Err(Error::InvalidOption(format!(
+                "max_tokens_per_batch {} is over the bound of {MAX_TOKENS_PER_BATCH} \
+                 (bert::limits::MAX_TOKENS_PER_BATCH)",
+                options.max_tokens_per_batch
+            )));
+        }
         let max_length = options.max_length.unwrap_or(max_positions);
         if max_length > max_positions {
             return Err(Error::Tokenize(format!(
@@ -134,11 +150,37 @@ impl Runner {
             truncation: options.truncation,
             error_on_overflow: options.error_on_overflow,
         };
+        let tokenizer = BertTokenizer::from_file(path, tokenize)?;
+        // A tokenizer from another model would hand out ids the embedding table lacks; say so
+        // at load instead of failing on the first text that uses one.
+        let vocab = tokenizer.inner().get_vocab_size(true);
+        if vocab > config.vocab_size {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "the tokenizer has {vocab} tokens but the model's vocab_size is {}: \
+                     tokenizer and weights are from different models",
+                    config.vocab_size
+                ),
+            ));
+        }
         Ok(Self {
-            tokenizer: BertTokenizer::from_file(path, tokenize)?,
+            tokenizer,
             device: options.device.open()?,
             max_tokens_per_batch: options.max_tokens_per_batch.max(1),
+            allow_empty_texts: options.allow_empty_texts,
         })
+    }
+
+    /// Refuses a text [`crate::limits::text_problem`] objects to, naming it by `item`.
+    fn check_text(&self, item: impl FnOnce() -> String, text: &str) -> Result<()> {
+        match crate::limits::text_problem(text, self.allow_empty_texts) {
+            Some(reason) => Err(Error::Input {
+                item: item(),
+                reason,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Runs `forward` over length-sorted batches of `encoded`; returns one row per input, in
@@ -154,7 +196,11 @@ impl Runner {
             let items: Vec<&Encoded> = batch.iter().map(|&i| &encoded[i]).collect();
             let padded = pad_batch(&items, self.tokenizer.pad_id(), &self.device)?;
             let inputs = padded.inputs();
-            for (i, row) in batch.iter().zip(forward(&inputs)?) {
+            let rows = forward(&inputs).map_err(|e| {
+                let (sequences, longest) = inputs.input_ids.dims2().unwrap_or_default();
+                explain_out_of_memory(e, sequences, longest, self.max_tokens_per_batch)
+            })?;
+            for (i, row) in batch.iter().zip(rows) {
                 results[*i] = Some(row);
             }
         }
@@ -195,7 +241,7 @@ impl Embedder {
     /// Loads from local files.
     pub fn from_files(files: &ModelFiles, options: &PipelineOptions) -> Result<Self> {
         let config = files.read_config()?;
-        let runner = Runner::new(files, config.max_position_embeddings, options)?;
+        let runner = Runner::new(files, &config, options)?;
         let model = load::<BertModel>(files, options.dtype, &runner.device)?.model;
         Ok(Self {
             model,
@@ -229,6 +275,9 @@ impl Embedder {
 
     /// One vector per text, in input order.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        for (i, text) in texts.iter().enumerate() {
+            self.runner.check_text(|| format!("text {i}"), text)?;
+        }
         let encoded = self.runner.tokenizer.encode_texts(texts)?;
         self.runner.run(&encoded, |inputs| {
             let hidden = self
@@ -246,6 +295,29 @@ impl Embedder {
             };
             Ok(pooled.to_vec2::<f32>()?)
         })
+    }
+}
+
+/// A device allocation failure becomes an [`Error::Device`] that says which batch did not fit
+/// and what to lower; any other error passes through.
+fn explain_out_of_memory(
+    error: Error,
+    sequences: usize,
+    longest: usize,
+    max_tokens_per_batch: usize,
+) -> Error {
+    let text = error.to_string();
+    // cudarc's `DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")`, and the allocators'
+    // plain "out of memory".
+    if text.contains("CUDA_ERROR_OUT_OF_MEMORY")
+        || text.to_ascii_lowercase().contains("out of memory")
+    {
+        Error::Device(format!(
+            "out of memory running a batch of {sequences} x {longest} tokens ({text}); lower \
+             max_tokens_per_batch (now {max_tokens_per_batch}) or max_length, or use a smaller dtype"
+        ))
+    } else {
+        error
     }
 }
 
@@ -372,7 +444,7 @@ impl PairScorer {
                         ),
                     ));
                 }
-                let runner = Runner::new(files, config.max_position_embeddings, options)?;
+                let runner = Runner::new(files, &config, options)?;
                 let model =
                     load::<BertForSequenceClassification>(files, options.dtype, &runner.device)?
                         .model;
@@ -390,25 +462,30 @@ impl PairScorer {
         }
     }
 
+    fn runner(&self) -> &Runner {
+        match &self.scorer {
+            Scorer::Cross { runner, .. } => runner,
+            Scorer::Bi(embedder) => &embedder.runner,
+        }
+    }
+
     /// The tokenizer in use.
     pub fn tokenizer(&self) -> &BertTokenizer {
-        match &self.scorer {
-            Scorer::Cross { runner, .. } => &runner.tokenizer,
-            Scorer::Bi(embedder) => embedder.tokenizer(),
-        }
+        &self.runner().tokenizer
     }
 
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
-        match &self.scorer {
-            Scorer::Cross { runner, .. } => &runner.device,
-            Scorer::Bi(embedder) => embedder.device(),
-        }
+        &self.runner().device
     }
 
     /// One score per pair, in input order: a probability (cross-encoder) or a cosine
     /// (bi-encoder).
     pub fn score(&self, pairs: &[(&str, &str)]) -> Result<Vec<f32>> {
+        for (i, (a, b)) in pairs.iter().enumerate() {
+            self.runner().check_text(|| format!("pair {i} text_a"), a)?;
+            self.runner().check_text(|| format!("pair {i} text_b"), b)?;
+        }
         match &self.scorer {
             Scorer::Cross { model, runner } => {
                 let encoded = runner.tokenizer.encode_pairs(pairs)?;
@@ -430,6 +507,10 @@ impl PairScorer {
 
     /// Documents sorted by their score against `query`, best first.
     pub fn rank(&self, query: &str, docs: &[&str]) -> Result<Vec<Ranked>> {
+        self.runner().check_text(|| "query".into(), query)?;
+        for (i, doc) in docs.iter().enumerate() {
+            self.runner().check_text(|| format!("document {i}"), doc)?;
+        }
         let scores = match &self.scorer {
             Scorer::Cross { .. } => {
                 let pairs: Vec<(&str, &str)> = docs.iter().map(|d| (query, *d)).collect();
@@ -460,6 +541,24 @@ mod tests {
     use super::*;
 
     fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn device_out_of_memory_says_which_batch_and_what_to_lower() {
+        // The text cudarc gives candle for a failed CUDA allocation (no GPU here to fail one).
+        let oom = Error::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        let explained = explain_out_of_memory(oom, 32, 512, 8192);
+        assert!(matches!(explained, Error::Device(_)));
+        let message = explained.to_string();
+        assert!(
+            message.contains("out of memory running a batch of 32 x 512 tokens")
+                && message.contains("lower max_tokens_per_batch (now 8192)"),
+            "{message}"
+        );
+        let other = explain_out_of_memory(Error::Tokenize("x".into()), 1, 1, 1);
+        assert!(matches!(other, Error::Tokenize(_)));
+    }
 
     #[test]
     fn pipelines_are_shareable_across_threads() {

@@ -369,6 +369,8 @@ impl ModelArgs {
             truncation: self.truncation.parse::<Truncation>()?,
             error_on_overflow: self.error_on_overflow,
             max_tokens_per_batch: self.batch_tokens,
+            // Pair files refuse empty texts too (with their line); see tests/BAD_INPUT.md.
+            allow_empty_texts: false,
         })
     }
 }

@@ -78,7 +78,7 @@ fn file_input_in_three_formats_streams_results_in_order() {
     let rows = [
         ("a man is playing", "the guitar"),
         ("an onion", "slicing it"),
-        ("x", ""),
+        ("x", "y"),
     ];
     let tsv = format!(
         "text_a\ttext_b\n{}",
@@ -195,6 +195,36 @@ fn errors_name_the_file_line_and_cause_with_exit_codes() {
     let out = bert(&["score", "--model", "no-such-model", "a", "b"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no-such-model"), "{}", stderr(&out));
+    // An empty text, on the command line or in a file, is an error naming it.
+    let out = bert(&["score", "--model", &tiny(), "--device", "cpu", "a man", " "]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("input pair 0 text_b: is empty"),
+        "{}",
+        stderr(&out)
+    );
+    let empty = write(
+        &dir,
+        "empty.tsv",
+        "a man	someone
+x	
+",
+    );
+    let out = bert(&[
+        "score",
+        "--model",
+        &tiny(),
+        "--device",
+        "cpu",
+        "--input",
+        &empty,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("empty.tsv:2: text_b is empty"),
+        "{}",
+        stderr(&out)
+    );
     let out = bert(&["score", "--model", &tiny(), "--device", "cuda", "a", "b"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--features cuda"), "{}", stderr(&out));

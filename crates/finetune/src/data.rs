@@ -48,8 +48,8 @@ pub struct Dataset {
 }
 
 /// Reads labelled pairs (TSV, CSV or JSONL with `text_a`, `text_b`, `label`), checking each label
-/// against `loss` (`[0, 1]` for BCE, a class index below `num_labels` for cross-entropy) and
-/// rejecting empty texts.
+/// against `loss` (`[0, 1]` for BCE, a class index below `num_labels` for cross-entropy); empty,
+/// oversized and NUL-holding texts are refused by [`read_pair_records`] (see [`bert::limits`]).
 pub fn read_dataset(
     path: &Path,
     format: Option<PairFormat>,
@@ -61,6 +61,17 @@ pub fn read_dataset(
         Some(format) => format,
         None => PairFormat::from_path(path)?,
     };
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if size > bert::limits::MAX_DATASET_BYTES {
+        return Err(Error::Setting(format!(
+            "{}: {size} bytes, over the bound of {} for a training or evaluation file \
+             (bert::limits::MAX_DATASET_BYTES; it is read whole into memory)",
+            path.display(),
+            bert::limits::MAX_DATASET_BYTES
+        )));
+    }
     let mut dataset = Dataset::default();
     for record in read_pair_records(path, format)? {
         let checked = record.map_err(Error::from).and_then(|r| {
@@ -69,9 +80,6 @@ pub fn read_dataset(
                 line: r.line,
                 reason,
             };
-            if r.text_a.trim().is_empty() || r.text_b.trim().is_empty() {
-                return Err(bad("empty text".into()));
-            }
             let raw = r
                 .label
                 .as_deref()
@@ -244,7 +252,7 @@ mod tests {
         let skipped = data.skipped.join("\n");
         for needle in [
             ":3: label nan is not finite",
-            ":4: empty text",
+            ":4: text_b is empty",
             ":5: label \"x\" is not a number",
             ":6: label 1.5 is outside [0, 1]",
             ":7: expected",

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::checkpoint::{
-    read_state, remove_stale_staging, resumable, write_model, TrainingState, Weights,
+    previous_of, read_state, remove_stale_staging, resumable, write_model, TrainingState, Weights,
 };
 use crate::data::{epoch_batches, Batching, Dataset, LabeledPair};
 use crate::error::{Error, Result};
@@ -244,12 +244,17 @@ pub fn train(
 
     // Resume from our own last checkpoint (its weights and optimizer state), else start from base.
     let resume_from = if resume {
-        Some(resumable(&last_dir).ok_or_else(|| {
+        let (dir, warning) = resumable(&last_dir).ok_or_else(|| {
             Error::Setting(format!(
-                "--resume: no checkpoint to resume in {}",
-                last_dir.display()
+                "--resume: no whole checkpoint to resume in {} (or {})",
+                last_dir.display(),
+                previous_of(&last_dir).display()
             ))
-        })?)
+        })?;
+        if let Some(warning) = warning {
+            eprintln!("warning: {warning}");
+        }
+        Some(dir)
     } else {
         None
     };
@@ -322,6 +327,16 @@ pub fn train(
         .max_length
         .unwrap_or(config.max_position_embeddings)
         .min(config.max_position_embeddings);
+    let batch_tokens = cfg.batch_size.saturating_mul(max_length);
+    if batch_tokens > bert::limits::MAX_TRAIN_TOKENS_PER_BATCH {
+        return Err(Error::Setting(format!(
+            "a batch of {} pairs x {max_length} tokens is {batch_tokens} tokens, over the bound of \
+             {} (bert::limits::MAX_TRAIN_TOKENS_PER_BATCH); use a smaller batch with \
+             gradient accumulation",
+            cfg.batch_size,
+            bert::limits::MAX_TRAIN_TOKENS_PER_BATCH
+        )));
+    }
     let tokenizer = BertTokenizer::from_file(
         tokenizer_path,
         TokenizeOptions {
@@ -526,7 +541,13 @@ fn publish_final(from: &Path, out: &Path) -> Result<()> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if !path.is_file() || matches!(name, "trainer_state.json" | "optimizer.safetensors") {
+        // The training state stays in last/; the checksums describe the checkpoint directory.
+        if !path.is_file()
+            || matches!(
+                name,
+                "trainer_state.json" | "optimizer.safetensors" | "checksums.json"
+            )
+        {
             continue;
         }
         let tmp = out.join(format!(".{name}.tmp"));
