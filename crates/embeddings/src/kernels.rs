@@ -765,6 +765,9 @@ pub(crate) struct LinearOp {
     /// Apply the erf GELU to the output in place (inference: the op then has no backward,
     /// which would need the pre-activation values).
     pub gelu: bool,
+    /// The same weight packed for small batches: f32 products over at most
+    /// `panel_gemm::MAX_ROWS` rows use it instead of the general GEMM.
+    pub panels: Option<Arc<crate::panel_gemm::PanelWeights>>,
 }
 
 /// How a `[out, in]` weight lies in memory: as checkpoints store it (rows of `in`), or
@@ -811,6 +814,17 @@ impl LinearOp {
         for _ in 0..rows {
             y.extend_from_slice(b);
         }
+        if let Some(panels) = self
+            .panels
+            .as_deref()
+            .filter(|p| rows <= crate::panel_gemm::MAX_ROWS && p.fits(in_dim, out_dim))
+        {
+            if let (Some(x32), Some(y32)) = (as_f32(x), as_f32_mut(&mut y)) {
+                panels.multiply_add(x32, rows, y32);
+                self.finish(&mut y);
+                return y;
+            }
+        }
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 && rows * in_dim * out_dim >= 1 << 15 {
             gemm::Parallelism::Rayon(threads)
@@ -847,6 +861,12 @@ impl LinearOp {
                 parallelism,
             );
         }
+        self.finish(&mut y);
+        y
+    }
+
+    /// The fused GELU and dropout on the product, in place.
+    fn finish<T: Real + Default + 'static>(&self, y: &mut [T]) {
         if self.gelu {
             // While the GEMM's output is still in cache, chunk by chunk.
             y.par_chunks_mut(1 << 12).for_each(|chunk| {
@@ -864,8 +884,21 @@ impl LinearOp {
                     *v = if kept { *v * scale } else { T::zero() };
                 });
         }
-        y
     }
+}
+
+/// `x` as f32 when `T` is f32.
+fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32 (same type, so same size and alignment).
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+/// `y` as f32 when `T` is f32.
+fn as_f32_mut<T: 'static>(y: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32 (same type, so same size and alignment).
+        .then(|| unsafe { std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<f32>(), y.len()) })
 }
 
 /// Sums the rows of a contiguous `[rows, cols]` block: per-thread partial sums over row

@@ -8,6 +8,7 @@ pub mod embeddings;
 pub mod error;
 mod kernels;
 pub mod nn;
+mod panel_gemm;
 
 pub use config::{Config, HiddenAct, PositionEmbeddingType, ProblemType};
 pub use embeddings::BertEmbeddings;

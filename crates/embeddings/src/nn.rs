@@ -26,6 +26,9 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     adapter: Option<LoraAdapter>,
+    /// The weight packed for small batches on the CPU (f32, AVX-512; see
+    /// [`Linear::use_inference_layout`]); `None` elsewhere.
+    panels: Option<std::sync::Arc<crate::panel_gemm::PanelWeights>>,
 }
 
 /// A low-rank update of a [`Linear`] (Hu et al. 2021, as PEFT's `LoraLayer`): `A: [r, in]`,
@@ -92,6 +95,7 @@ impl Linear {
             weight,
             bias,
             adapter: None,
+            panels: None,
         }
     }
 
@@ -150,6 +154,7 @@ impl Linear {
         if let Some(adapter) = self.adapter.take() {
             let delta = adapter.delta_weight()?.to_dtype(self.weight.dtype())?;
             self.weight = (self.weight.detach() + delta.detach())?;
+            self.panels = None;
         }
         Ok(())
     }
@@ -158,12 +163,22 @@ impl Linear {
     /// layout the CPU kernel multiplies by without repacking it on every call (that repacking
     /// was two thirds of a 1 x 16 forward pass). For inference: the transposed copy replaces
     /// the weight, so it is detached from any gradient; a weight already in that layout is left
-    /// as is.
+    /// as is. An f32 weight on a CPU with AVX-512 is also packed into panels for products over
+    /// few rows (`panel_gemm`: the weight read once, in address order; a second copy of it).
     pub fn use_inference_layout(&mut self) -> Result<()> {
-        self.weight.dims2()?;
+        let (out_dim, in_dim) = self.weight.dims2()?;
         let layout = crate::kernels::WeightLayout::of(self.weight.layout());
         if !matches!(layout, Some((crate::kernels::WeightLayout::InByOut, _))) {
             self.weight = self.weight.detach().t()?.contiguous()?.t()?;
+        }
+        let packable = self.weight.device().is_cpu()
+            && self.weight.dtype() == DType::F32
+            && crate::panel_gemm::PanelWeights::available();
+        if packable && self.panels.is_none() {
+            let in_out = self.weight.t()?.flatten_all()?.to_vec1::<f32>()?;
+            self.panels = Some(std::sync::Arc::new(crate::panel_gemm::PanelWeights::pack(
+                &in_out, in_dim, out_dim,
+            )));
         }
         Ok(())
     }
@@ -217,6 +232,7 @@ impl Linear {
                     crate::kernels::LinearOp {
                         dropout: kernel_dropout,
                         gelu: false,
+                        panels: self.panels.clone(),
                     },
                 )?;
                 if self.adapter.is_none() {
@@ -271,6 +287,7 @@ impl Linear {
                 &crate::kernels::LinearOp {
                     dropout: None,
                     gelu: true,
+                    panels: self.panels.clone(),
                 },
             ),
             _ => activation(act, &self.forward_t(x, false)?),
@@ -620,7 +637,7 @@ fn attention_kernel_bias(
         && batch > 0
         && seq > 0
         && heads > 0
-        && hidden % heads == 0
+        && hidden.is_multiple_of(heads)
         && bias.is_none_or(|b| b.dims() == [batch, 1, 1, seq]);
     if !applies {
         return Ok(None);
@@ -1061,8 +1078,9 @@ mod tests {
     }
 
     /// The inference layout (weight stored `[in, out]`) gives the checkpoint layout's outputs,
-    /// across the GEMM's small-batch and large-batch paths and sizes that are not multiples of
-    /// its register tiles, in f64 (tight) and f32; a weight of any other striding is refused.
+    /// across the GEMM's small-batch and large-batch paths (and, in f32, the panel kernel for
+    /// few rows) and sizes that are not multiples of their register tiles, in f64 (tight) and
+    /// f32; a weight of any other striding is refused.
     #[test]
     fn inference_layout_matches_checkpoint_layout() {
         let dev = Device::Cpu;
@@ -1106,12 +1124,12 @@ mod tests {
     }
 
     /// The GELU fused into the linear kernel gives the layer-then-activation values, in both
-    /// weight layouts; a weight that tracks gradients takes the unfused path (which has a
-    /// backward).
+    /// weight layouts and (f32) through the small-batch panel kernel as well as the GEMM; a
+    /// weight that tracks gradients takes the unfused path (which has a backward).
     #[test]
     fn fused_gelu_matches_linear_then_activation() {
         let dev = Device::Cpu;
-        for dtype in [DType::F64, DType::F32] {
+        for (dtype, rows) in [(DType::F64, 70), (DType::F32, 70), (DType::F32, 9)] {
             let w = Tensor::randn(0f64, 1.0, (48, 20), &dev)
                 .unwrap()
                 .to_dtype(dtype)
@@ -1120,7 +1138,7 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let x = Tensor::randn(0f64, 1.0, (3, 70, 20), &dev)
+            let x = Tensor::randn(0f64, 1.0, (3, rows, 20), &dev)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
@@ -1130,7 +1148,7 @@ mod tests {
             for _ in 0..2 {
                 let fused = linear.forward_activation(&x, HiddenAct::Gelu).unwrap();
                 let d = max_abs_diff64(&fused, &expected);
-                assert!(d < tolerance, "{dtype:?}: {d}");
+                assert!(d < tolerance, "{dtype:?} {rows}: {d}");
                 linear.use_inference_layout().unwrap();
             }
             let relu = linear.forward_activation(&x, HiddenAct::Relu).unwrap();

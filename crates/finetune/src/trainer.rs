@@ -476,7 +476,9 @@ pub fn train(
                 state.next_batch = 0;
             }
             let due = match cfg.eval_steps {
-                Some(every) => state.step % every == 0 || (epoch_done && state.epoch == cfg.epochs),
+                Some(every) => {
+                    state.step.is_multiple_of(every) || (epoch_done && state.epoch == cfg.epochs)
+                }
                 None => epoch_done,
             };
             if due {
