@@ -1,30 +1,34 @@
-//! The fuzz targets' committed corpora (`tests/fuzz/corpus/TARGET/`), replayed through the same
-//! functions the cargo-fuzz targets call (`tests/fuzz/harness.rs`): the short fuzz smoke CI runs
-//! on stable. Each input must return without a panic (errors are expected and fine).
+//! The fuzz targets' committed inputs, replayed through the same functions the cargo-fuzz
+//! targets call (`tests/fuzz/harness.rs`): the hand-written seeds (`tests/fuzz/seeds/TARGET/`)
+//! and the minimised corpus the recorded runs kept (`tests/fuzz/corpus/TARGET/`). The short fuzz
+//! smoke CI runs on stable. Each input must return without a panic (errors are fine).
 
 #[path = "../fuzz/harness.rs"]
 mod harness;
 
 use std::path::PathBuf;
 
-/// Every input of one target's corpus, by file name; at least the seeds.
+/// Every committed input of one target (seeds first), by file name.
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut inputs: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&path).unwrap())
-        })
-        .collect();
-    inputs.sort();
-    assert!(
-        inputs.iter().any(|(name, _)| name.starts_with("seed-")),
-        "{target}: no seeds"
-    );
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut inputs = Vec::new();
+    for kind in ["seeds", "corpus"] {
+        let dir = root.join(kind).join(target);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            assert!(kind == "corpus", "{}: no seeds", dir.display());
+            continue;
+        };
+        let mut files: Vec<(String, Vec<u8>)> = entries
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                let name = format!("{kind}/{}", path.file_name().unwrap().to_string_lossy());
+                (name, std::fs::read(&path).unwrap())
+            })
+            .collect();
+        files.sort();
+        assert!(kind == "corpus" || !files.is_empty(), "{target}: no seeds");
+        inputs.extend(files);
+    }
     inputs
 }
 
