@@ -35,6 +35,14 @@ fn copy_fixture(name: &str, into: &Path) -> PathBuf {
     dir
 }
 
+/// Sets one field of a model directory's `config.json`.
+fn set_config(model: &Path, field: &str, value: serde_json::Value) {
+    let path = model.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    config[field] = value;
+    fs::write(&path, config.to_string()).unwrap();
+}
+
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     fs::write(&path, bytes).unwrap();
@@ -329,10 +337,7 @@ fn malformed_config_json() {
 fn inconsistent_config_fields() {
     let dir = tempfile::tempdir().unwrap();
     let model = copy_fixture("tiny-absolute-gelu", dir.path());
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&fs::read(model.join("config.json")).unwrap()).unwrap();
-    config["num_attention_heads"] = 5.into(); // 32 is not a multiple of 5
-    write(&model, "config.json", config.to_string().as_bytes());
+    set_config(&model, "num_attention_heads", 5.into()); // 32 is not a multiple of 5
     let result = ModelFiles::from_dir(&model).unwrap().read_config();
     assert!(matches!(
         result,
@@ -345,10 +350,7 @@ fn inconsistent_config_fields() {
 fn config_vocab_size_contradicts_the_weights() {
     let dir = tempfile::tempdir().unwrap();
     let model = copy_fixture("tiny-absolute-gelu", dir.path());
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&fs::read(model.join("config.json")).unwrap()).unwrap();
-    config["vocab_size"] = 500.into();
-    write(&model, "config.json", config.to_string().as_bytes());
+    set_config(&model, "vocab_size", 500.into());
     let files = ModelFiles::from_dir(&model).unwrap();
     let result = load::<BertModel>(&files, DType::F32, &Device::Cpu);
     expect_err(result, &["word_embeddings.weight", "500"]);
@@ -358,12 +360,9 @@ fn config_vocab_size_contradicts_the_weights() {
 fn tokenizer_larger_than_the_vocabulary() {
     let dir = tempfile::tempdir().unwrap();
     let model = copy_fixture("tiny-cross-encoder", dir.path());
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&fs::read(model.join("config.json")).unwrap()).unwrap();
     // Shrink the declared vocabulary below the tokenizer's 83 tokens (and the weights to match
     // are not needed: the check comes first).
-    config["vocab_size"] = 50.into();
-    write(&model, "config.json", config.to_string().as_bytes());
+    set_config(&model, "vocab_size", 50.into());
     let files = ModelFiles::from_dir(&model).unwrap();
     let result = PairScorer::from_files(&files, &cpu(), None);
     assert!(matches!(result, Err(Error::Checkpoint { .. })));

@@ -139,6 +139,12 @@ fn file_input_in_three_formats_streams_results_in_order() {
     }
 }
 
+/// The command failed with exit code 1 and said `needle` on stderr.
+fn assert_fails(out: &Output, needle: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
 #[test]
 fn errors_name_the_file_line_and_cause_with_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -152,12 +158,7 @@ fn errors_name_the_file_line_and_cause_with_exit_codes() {
         "--input",
         &missing,
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("absent.tsv: No such file"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails(&out, "absent.tsv: No such file");
 
     let bad = write(
         &dir,
@@ -173,12 +174,7 @@ fn errors_name_the_file_line_and_cause_with_exit_codes() {
         "--input",
         &bad,
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("bad.jsonl:2: missing \"text_b\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails(&out, "bad.jsonl:2: missing \"text_b\"");
     // The good row before the bad one was still scored and written.
     let written = jsonl(&stdout(&out));
     assert_eq!(written.len(), 1);
@@ -193,23 +189,11 @@ fn errors_name_the_file_line_and_cause_with_exit_codes() {
         assert_eq!(bert(&args).status.code(), Some(2), "{args:?}");
     }
     let out = bert(&["score", "--model", "no-such-model", "a", "b"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no-such-model"), "{}", stderr(&out));
+    assert_fails(&out, "no-such-model");
     // An empty text, on the command line or in a file, is an error naming it.
     let out = bert(&["score", "--model", &tiny(), "--device", "cpu", "a man", " "]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("input pair 0 text_b: is empty"),
-        "{}",
-        stderr(&out)
-    );
-    let empty = write(
-        &dir,
-        "empty.tsv",
-        "a man	someone
-x	
-",
-    );
+    assert_fails(&out, "input pair 0 text_b: is empty");
+    let empty = write(&dir, "empty.tsv", "a man\tsomeone\nx\t\n");
     let out = bert(&[
         "score",
         "--model",
@@ -219,15 +203,9 @@ x
         "--input",
         &empty,
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("empty.tsv:2: text_b is empty"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails(&out, "empty.tsv:2: text_b is empty");
     let out = bert(&["score", "--model", &tiny(), "--device", "cuda", "a", "b"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("--features cuda"), "{}", stderr(&out));
+    assert_fails(&out, "--features cuda");
     let out = bert(&[
         "score",
         "--model",
@@ -242,12 +220,7 @@ x
         "a man is playing",
         "b",
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("longer than the limit of 4"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails(&out, "longer than the limit of 4");
     for command in ["score", "rank", "embed"] {
         assert!(
             ok(&bert(&[command, "--help"])).contains("--model"),
