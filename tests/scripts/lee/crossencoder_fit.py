@@ -7,7 +7,8 @@ CrossEncoder.fit with the same recipe and split as `bert finetune`, on this mach
 
 Prints one JSON line: test Pearson and Spearman of the predicted probabilities (with --test),
 training time and throughput (pairs/s over the fit call, evaluation excluded). --save writes the
-trained cross-encoder (HF layout) for a later stage to start from. Needs torch, transformers,
+trained cross-encoder (HF layout) for a later stage to start from; --epochs 0 only scores --test
+with the model as loaded. Needs torch, transformers,
 sentence-transformers and datasets (tests/scripts/requirements-lee.txt); never run by CI.
 """
 
@@ -54,15 +55,17 @@ def main():
     loader = DataLoader(examples, shuffle=True, batch_size=args.batch_size)
     steps = math.ceil(len(examples) / args.batch_size) * args.epochs
     start = time.perf_counter()
-    model.fit(
-        train_dataloader=loader,
-        epochs=args.epochs,
-        warmup_steps=math.ceil(steps * args.warmup_ratio),
-        optimizer_params={"lr": args.lr},
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        show_progress_bar=False,
-    )
+    # --epochs 0: no training, the model is scored as loaded (an earlier stage's checkpoint).
+    if args.epochs > 0:
+        model.fit(
+            train_dataloader=loader,
+            epochs=args.epochs,
+            warmup_steps=math.ceil(steps * args.warmup_ratio),
+            optimizer_params={"lr": args.lr},
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            show_progress_bar=False,
+        )
     seconds = time.perf_counter() - start
     if args.save:
         model.save(args.save)
@@ -82,7 +85,7 @@ def main():
         "test_pairs": len(test),
         **metrics,
         "train_seconds": seconds,
-        "pairs_per_s": len(examples) * args.epochs / seconds,
+        "pairs_per_s": len(examples) * args.epochs / seconds if args.epochs else None,
         "torch": torch.__version__,
         "threads": args.threads,
         **{k: v for k, v in vars(args).items() if k not in ("train", "test", "predictions", "save")},

@@ -24,6 +24,9 @@ MODELS = (
     ("bi_scores.jsonl", "zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2)"),
     ("pytorch_scores.jsonl", "sentence-transformers CrossEncoder.fit"),
     ("ours_scores.jsonl", "bert finetune (ours)"),
+    # run_lee_two_stage.sh's first stage alone, scored by score_stage1.sh (when present)
+    ("stage1_pytorch_scores.jsonl", "CrossEncoder.fit, distillation stage only"),
+    ("stage1_ours_scores.jsonl", "bert finetune (ours), distillation stage only"),
 )
 
 
