@@ -11,6 +11,7 @@
 # FOLDS=F FOLD=K: the split is fold K of F (prepare_lee.py --folds); tests/scripts/lee/run_lee_kfold.sh
 # runs every fold. START_OURS=DIR START_PYTORCH=DIR: each side fine-tunes from its own earlier
 # checkpoint instead of all-MiniLM-L6-v2 (the second stage of run_lee_two_stage.sh).
+# OURS_FLAGS="--uniform-batches ...": extra `bert finetune` flags; SIDES=ours skips PyTorch.
 set -euo pipefail
 out=${1:?usage: run_lee.sh OUT_DIR [PYTHON]}
 python=${2:-python3}
@@ -40,14 +41,17 @@ model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE
 
 start_ours=()
 if [ -n "${START_OURS:-}" ]; then start_ours=(--model "$START_OURS"); fi
-$bert finetune "${start_ours[@]}" --train "$train" --out "$out/ours" --epochs "$epochs" --batch-size "$batch" \
+read -r -a ours_flags <<< "${OURS_FLAGS:-}"
+$bert finetune "${start_ours[@]}" "${ours_flags[@]}" --train "$train" --out "$out/ours" --epochs "$epochs" --batch-size "$batch" \
   --lr "$lr" --seed "$seed" --max-length "$max_length" --device cpu > "$out/ours.json"
 $bert eval --model "$out/ours" --data "$out/data/test.tsv" --max-length "$max_length" --device cpu > "$out/ours_test.json"
 $bert score --mode cross --model "$out/ours" --input "$out/data/test.tsv" --max-length "$max_length" --device cpu > "$out/ours_scores.jsonl"
 
-"$python" tests/scripts/lee/crossencoder_fit.py --model "${START_PYTORCH:-$model_dir}" --train "$train" --test "$out/data/test.tsv" \
-  --epochs "$epochs" --batch-size "$batch" --lr "$lr" --seed "$seed" --max-length "$max_length" --threads 2 \
-  --predictions "$out/pytorch_scores.jsonl" > "$out/pytorch.json"
+if [ "${SIDES:-both}" != ours ]; then
+  "$python" tests/scripts/lee/crossencoder_fit.py --model "${START_PYTORCH:-$model_dir}" --train "$train" --test "$out/data/test.tsv" \
+    --epochs "$epochs" --batch-size "$batch" --lr "$lr" --seed "$seed" --max-length "$max_length" --threads 2 \
+    --predictions "$out/pytorch_scores.jsonl" > "$out/pytorch.json"
+fi
 
 $bert score --mode bi --device cpu --max-length "$max_length" --input "$out/data/test.tsv" > "$out/bi_scores.jsonl"
 python3 tests/scripts/lee/lee_metrics.py pair "$out/data/test.tsv" "$out/bi_scores.jsonl" \
