@@ -278,6 +278,11 @@ impl Embedder {
         for (i, text) in texts.iter().enumerate() {
             self.runner.check_text(|| format!("text {i}"), text)?;
         }
+        self.embed_checked(texts)
+    }
+
+    /// [`Self::embed`] for texts the caller has already checked (and named in its own terms).
+    fn embed_checked(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let encoded = self.runner.tokenizer.encode_texts(texts)?;
         self.runner.run(&encoded, |inputs| {
             let hidden = self
@@ -496,7 +501,7 @@ impl PairScorer {
             }
             Scorer::Bi(embedder) => {
                 let texts: Vec<&str> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
-                let vectors = embedder.embed(&texts)?;
+                let vectors = embedder.embed_checked(&texts)?;
                 Ok(vectors
                     .chunks_exact(2)
                     .map(|ab| cosine_similarity(&ab[0], &ab[1]))
@@ -519,7 +524,7 @@ impl PairScorer {
             Scorer::Bi(embedder) => {
                 let mut texts = vec![query];
                 texts.extend_from_slice(docs);
-                let vectors = embedder.embed(&texts)?;
+                let vectors = embedder.embed_checked(&texts)?;
                 vectors[1..]
                     .iter()
                     .map(|v| cosine_similarity(&vectors[0], v))

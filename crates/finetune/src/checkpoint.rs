@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::trainable::{save_weights, sync_file};
 
 /// The sha256 of every other file of a checkpoint, by file name; written last.
-const CHECKSUMS: &str = "checksums.json";
+pub const CHECKSUMS: &str = "checksums.json";
 
 /// Tokenizer and vocabulary files copied from the base model, when it has them.
 const TOKENIZER_FILES: &[&str] = &[

@@ -288,6 +288,21 @@ pub fn train(
     };
     config.architectures = vec!["BertForSequenceClassification".into()];
     let loss_kind = Loss::for_config(&config);
+    // Checked before the model loads: a batch that cannot fit is known from the config alone.
+    let max_length = cfg
+        .max_length
+        .unwrap_or(config.max_position_embeddings)
+        .min(config.max_position_embeddings);
+    let batch_tokens = cfg.batch_size.saturating_mul(max_length);
+    if batch_tokens > bert::limits::MAX_TRAIN_TOKENS_PER_BATCH {
+        return Err(Error::Setting(format!(
+            "a batch of {} pairs x {max_length} tokens is {batch_tokens} tokens, over the bound of \
+             {} (bert::limits::MAX_TRAIN_TOKENS_PER_BATCH); use a smaller batch with \
+             gradient accumulation",
+            cfg.batch_size,
+            bert::limits::MAX_TRAIN_TOKENS_PER_BATCH
+        )));
+    }
     let model = load_trainable(
         &model_files,
         &config,
@@ -323,20 +338,6 @@ pub fn train(
         .tokenizer
         .as_ref()
         .ok_or_else(|| Error::Setting(format!("{}: no tokenizer.json", base.dir.display())))?;
-    let max_length = cfg
-        .max_length
-        .unwrap_or(config.max_position_embeddings)
-        .min(config.max_position_embeddings);
-    let batch_tokens = cfg.batch_size.saturating_mul(max_length);
-    if batch_tokens > bert::limits::MAX_TRAIN_TOKENS_PER_BATCH {
-        return Err(Error::Setting(format!(
-            "a batch of {} pairs x {max_length} tokens is {batch_tokens} tokens, over the bound of \
-             {} (bert::limits::MAX_TRAIN_TOKENS_PER_BATCH); use a smaller batch with \
-             gradient accumulation",
-            cfg.batch_size,
-            bert::limits::MAX_TRAIN_TOKENS_PER_BATCH
-        )));
-    }
     let tokenizer = BertTokenizer::from_file(
         tokenizer_path,
         TokenizeOptions {
@@ -547,7 +548,7 @@ fn publish_final(from: &Path, out: &Path) -> Result<()> {
         if !path.is_file()
             || matches!(
                 name,
-                "trainer_state.json" | "optimizer.safetensors" | "checksums.json"
+                "trainer_state.json" | "optimizer.safetensors" | crate::checkpoint::CHECKSUMS
             )
         {
             continue;
