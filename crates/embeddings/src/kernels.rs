@@ -272,25 +272,43 @@ fn for_rows<T: Send + Sync + Copy + Default>(
     dim: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) -> Vec<T> {
-    let mut out = filled(rows * dim, T::default());
-    if dim == 0 {
+    rows_init(rows, dim, PARALLEL_MIN_ELEMENTS, f)
+}
+
+/// `rows` rows of `dim` elements, each handed to `f(row_index, row)` right after it is filled
+/// with `T::default()`, on the thread that then writes it and while it is in L1: no serial
+/// fill of the whole buffer first (a 25 MB output filled on the calling thread kept the other
+/// core idle for ~1 ms). In parallel from `parallel_from` elements.
+fn rows_init<T: Send + Sync + Copy + Default>(
+    rows: usize,
+    dim: usize,
+    parallel_from: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let n = rows * dim;
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    if n == 0 {
         return out;
     }
-    if rows * dim >= PARALLEL_MIN_ELEMENTS {
-        out.par_chunks_mut(dim).enumerate().for_each(|(r, row)| {
-            with_simd(
-                #[inline(always)]
-                || f(r, row),
-            )
-        });
+    let init = |(r, row): (usize, &mut [std::mem::MaybeUninit<T>])| {
+        for v in row.iter_mut() {
+            v.write(T::default());
+        }
+        // SAFETY: every element of `row` was written just above.
+        let row = unsafe { &mut *(row as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        with_simd(
+            #[inline(always)]
+            || f(r, row),
+        )
+    };
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n >= parallel_from {
+        spare.par_chunks_mut(dim).enumerate().for_each(init);
     } else {
-        out.chunks_mut(dim).enumerate().for_each(|(r, row)| {
-            with_simd(
-                #[inline(always)]
-                || f(r, row),
-            )
-        });
+        spare.chunks_mut(dim).enumerate().for_each(init);
     }
+    // SAFETY: the chunks above cover the first `n` elements, each written.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -305,10 +323,22 @@ pub(crate) struct LayerNormOp {
     pub eps: f64,
 }
 
+/// Mean and `1 / sqrt(variance + eps)` of `row`, summed in f64 over [`LANES`] interleaved
+/// accumulators (a plain `sum` is one dependent add per element: 5% of a forward pass).
+#[inline(always)]
 fn row_stats<T: WithDType>(row: &[T], eps: f64) -> (f64, f64) {
-    let n = row.len() as f64;
-    let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let variance = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+    let n = row.len();
+    let add = |a: f64, b: f64| a + b;
+    let mean = reduce_lanes(n, 0.0, |j| row[j].to_f64(), add) / n as f64;
+    let variance = reduce_lanes(
+        n,
+        0.0,
+        |j| {
+            let centred = row[j].to_f64() - mean;
+            centred * centred
+        },
+        add,
+    ) / n as f64;
     (mean, 1.0 / (variance + eps).sqrt())
 }
 
@@ -768,6 +798,10 @@ pub(crate) struct LinearOp {
     /// The same weight packed for small batches: f32 products over at most
     /// `panel_gemm::MAX_ROWS` rows use it instead of the general GEMM.
     pub panels: Option<Arc<crate::panel_gemm::PanelWeights>>,
+    /// A contiguous `[.., out]` tensor of the output's shape added to the product (inference:
+    /// BERT's residual connection), by starting the GEMM from `bias + residual` instead of
+    /// `bias`: no separate pass and tensor for the sum. No backward.
+    pub residual: Option<Tensor>,
 }
 
 /// How a `[out, in]` weight lies in memory: as checkpoints store it (rows of `in`), or
@@ -806,48 +840,37 @@ impl LinearOp {
         w: &[T],
         w_layout: WeightLayout,
         b: &[T],
+        residual: Option<&[T]>,
         rows: usize,
         in_dim: usize,
         out_dim: usize,
     ) -> Vec<T> {
-        let mut y: Vec<T> = Vec::with_capacity(rows * out_dim);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
-        if let Some(panels) = self
-            .panels
-            .as_deref()
-            .filter(|p| rows <= crate::panel_gemm::MAX_ROWS && p.fits(in_dim, out_dim))
-        {
-            if let (Some(x32), Some(y32)) = (as_f32(x), as_f32_mut(&mut y)) {
-                panels.multiply_add(x32, rows, y32);
-                self.finish(&mut y);
-                return y;
+        // The GEMM accumulates onto `bias (+ residual)`.
+        let fill = |r: usize, row: &mut [T]| {
+            row.copy_from_slice(b);
+            if let Some(residual) = residual {
+                let residual = &residual[r * out_dim..(r + 1) * out_dim];
+                row.iter_mut().zip(residual).for_each(|(y, &x)| *y += x);
             }
-        }
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 && rows * in_dim * out_dim >= 1 << 15 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
         };
         // The weight as the GEMM's right-hand side, `[in, out]`: (column, row) strides.
         let (w_cs, w_rs) = match w_layout {
             WeightLayout::OutByIn => (in_dim as isize, 1),
             WeightLayout::InByOut => (1, out_dim as isize),
         };
-        // SAFETY: the pointers cover rows x in (x), out x in (w) and rows x out (y) elements
-        // with the strides given; y does not alias x or w.
-        unsafe {
+        // `y[first..first + n] += x[first..first + n] W^T`.
+        // SAFETY (of every call): `x` holds `rows * in_dim` elements, `w` `out_dim * in_dim`
+        // with the strides above, `y_block` `n * out_dim`, not aliasing either.
+        let multiply_add = |first: usize, n: usize, y_block: &mut [T], parallelism| unsafe {
             gemm::gemm(
-                rows,
+                n,
                 out_dim,
                 in_dim,
-                y.as_mut_ptr(),
+                y_block.as_mut_ptr(),
                 1,
                 out_dim as isize,
                 true,
-                x.as_ptr(),
+                x[first * in_dim..].as_ptr(),
                 1,
                 in_dim as isize,
                 w.as_ptr(),
@@ -859,8 +882,27 @@ impl LinearOp {
                 false,
                 false,
                 parallelism,
-            );
+            )
+        };
+        let threads = candle_core::utils::get_num_threads();
+        let mut y = rows_init(rows, out_dim, 1 << 16, fill);
+        if let Some(panels) = self
+            .panels
+            .as_deref()
+            .filter(|p| rows <= crate::panel_gemm::MAX_ROWS && p.fits(in_dim, out_dim))
+        {
+            if let (Some(x32), Some(y32)) = (as_f32(x), as_f32_mut(&mut y)) {
+                panels.multiply_add(x32, rows, y32);
+                self.finish(&mut y);
+                return y;
+            }
         }
+        let parallelism = if threads > 1 && rows * in_dim * out_dim >= 1 << 15 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        multiply_add(0, rows, &mut y, parallelism);
         self.finish(&mut y);
         y
     }
@@ -979,11 +1021,26 @@ impl CustomOp3 for LinearOp {
                 bl.dims()
             )
         }
-        let out = per_float!(name, [F32, F64], (x => x @ xl, w => w @ &w_storage, b => b @ bl), self.forward(x, w, w_layout, b, rows, in_dim, out_dim));
         let mut dims = xl.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
         }
+        let out = match &self.residual {
+            Some(residual) => {
+                let (storage, rl) = residual.storage_and_layout();
+                if rl.dims() != dims {
+                    candle_core::bail!(
+                        "{name}: residual {:?} does not match the output {dims:?}",
+                        rl.dims()
+                    )
+                }
+                let r = cpu_storage(&storage, name)?;
+                per_float!(name, [F32, F64], (x => x @ xl, w => w @ &w_storage, b => b @ bl, r => r @ rl), self.forward(x, w, w_layout, b, Some(r), rows, in_dim, out_dim))
+            }
+            None => {
+                per_float!(name, [F32, F64], (x => x @ xl, w => w @ &w_storage, b => b @ bl), self.forward(x, w, w_layout, b, None, rows, in_dim, out_dim))
+            }
+        };
         Ok((out, Shape::from(dims)))
     }
 
@@ -995,8 +1052,11 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.gelu {
-            candle_core::bail!("{}: the fused GELU is for inference only", self.name())
+        if self.gelu || self.residual.is_some() {
+            candle_core::bail!(
+                "{}: the fused GELU and residual are for inference only",
+                self.name()
+            )
         }
         let (out_dim, in_dim) = w.dims2()?;
         let rows = x.elem_count() / in_dim.max(1);

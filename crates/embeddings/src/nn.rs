@@ -233,6 +233,7 @@ impl Linear {
                         dropout: kernel_dropout,
                         gelu: false,
                         panels: self.panels.clone(),
+                        residual: None,
                     },
                 )?;
                 if self.adapter.is_none() {
@@ -273,13 +274,7 @@ impl Linear {
     /// tracking a gradient) the erf GELU is applied inside the linear kernel, on its output in
     /// place: no second pass over a fresh tensor. Otherwise the layer, then [`activation`].
     pub fn forward_activation(&self, x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
-        let fused = act == HiddenAct::Gelu
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-            && self.adapter.is_none()
-            && !x.track_op()
-            && !self.weight.track_op()
-            && self.bias.as_ref().is_some_and(|b| !b.track_op());
+        let fused = act == HiddenAct::Gelu && self.inference_kernel_applies(x);
         match (&self.bias, fused) {
             (Some(bias), true) => x.contiguous()?.apply_op3_no_bwd(
                 &self.kernel_weight()?,
@@ -288,10 +283,43 @@ impl Linear {
                     dropout: None,
                     gelu: true,
                     panels: self.panels.clone(),
+                    residual: None,
                 },
             ),
             _ => activation(act, &self.forward_t(x, false)?),
         }
+    }
+
+    /// `linear(x) + residual` for inference, `residual` shaped as the output. On the CPU
+    /// (f32/f64, with a bias, no adapter, nothing tracking a gradient) the product starts from
+    /// `bias + residual` inside the linear kernel: no second pass and tensor for the sum.
+    /// Otherwise the layer, then the addition.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let fused = self.inference_kernel_applies(x) && !residual.track_op();
+        match (&self.bias, fused) {
+            (Some(bias), true) => x.contiguous()?.apply_op3_no_bwd(
+                &self.kernel_weight()?,
+                &bias.contiguous()?,
+                &crate::kernels::LinearOp {
+                    dropout: None,
+                    gelu: false,
+                    panels: self.panels.clone(),
+                    residual: Some(residual.contiguous()?),
+                },
+            ),
+            _ => self.forward_t(x, false)? + residual,
+        }
+    }
+
+    /// Whether the inference-only CPU kernel (no backward) computes this layer on `x`: CPU,
+    /// f32/f64, a bias, no adapter and nothing tracking a gradient.
+    fn inference_kernel_applies(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.adapter.is_none()
+            && !x.track_op()
+            && !self.weight.track_op()
+            && self.bias.as_ref().is_some_and(|b| !b.track_op())
     }
 }
 
@@ -1161,6 +1189,49 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
         let linear = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
         let y = linear.forward_activation(&x, HiddenAct::Gelu).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(w.as_tensor()).is_some());
+    }
+
+    /// The residual started from inside the linear kernel gives `linear(x) + residual`, in
+    /// both weight layouts, through the panel kernel (f32, few rows), the GEMM and the
+    /// parallel row fill (over 64K outputs); a residual of another shape is an error, and a
+    /// weight that tracks gradients takes the composed path, which has a backward.
+    #[test]
+    fn fused_residual_matches_linear_plus_residual() {
+        let dev = Device::Cpu;
+        for (dtype, rows) in [(DType::F64, 70), (DType::F32, 700), (DType::F32, 9)] {
+            let randn = |shape: &[usize]| {
+                Tensor::randn(0f64, 1.0, shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (w, b, x, residual) = (
+                randn(&[48, 20]),
+                randn(&[48]),
+                randn(&[3, rows, 20]),
+                randn(&[3, rows, 48]),
+            );
+            let mut linear = Linear::new(w, Some(b));
+            let expected = (linear.forward(&x).unwrap() + &residual).unwrap();
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for _ in 0..2 {
+                let fused = linear.forward_residual(&x, &residual).unwrap();
+                let d = max_abs_diff64(&fused, &expected);
+                assert!(d < tolerance, "{dtype:?} {rows}: {d}");
+                linear.use_inference_layout().unwrap();
+            }
+            let wrong = randn(&[3, rows, 47]);
+            let err = linear.forward_residual(&x, &wrong).unwrap_err().to_string();
+            assert!(err.contains("residual"), "{err}");
+        }
+        let w = Var::randn(0f32, 1.0, (8, 4), &dev).unwrap();
+        let b = Var::randn(0f32, 1.0, 8, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+        let linear = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let y = linear.forward_residual(&x, &residual).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(w.as_tensor()).is_some());
     }

@@ -257,6 +257,11 @@ impl BertSelfOutput {
 
     /// `LayerNorm(dropout(dense(context)) + residual)`.
     pub fn forward(&self, context: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            // The residual joins inside the projection's kernel where it can.
+            let summed = self.dense.forward_residual(context, residual)?;
+            return Ok(self.layer_norm.forward(&summed)?);
+        }
         let projected = self
             .dense
             .forward_dropout(context, Some(&self.dropout), train)?;

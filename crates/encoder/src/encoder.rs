@@ -88,6 +88,21 @@ impl BertEncoder {
         attention_mask: Option<&Tensor>,
         options: &ForwardOptions,
     ) -> Result<EncoderOutput> {
+        // Inference on the CPU runs on a thread of rayon's pool, which the kernels' parallel
+        // loops then share. Run from the caller's own thread, the caller and every pool thread
+        // were runnable at once (3 threads on 2 cores): the pool spun for work while the caller
+        // ran the serial steps between kernels. Training stays on the caller's thread, whose
+        // seeded dropout stream is thread-local.
+        if !options.train
+            && hidden_states.device().is_cpu()
+            && rayon::current_thread_index().is_none()
+        {
+            return rayon::join(
+                || self.forward(hidden_states, attention_mask, options),
+                || (),
+            )
+            .0;
+        }
         let (batch, seq, _) = hidden_states.dims3()?;
         let bias = attention_mask
             .map(|mask| padding_bias(mask, batch, seq))

@@ -63,6 +63,11 @@ impl BertOutput {
 
     /// `LayerNorm(dropout(dense(intermediate)) + residual)`.
     pub fn forward(&self, intermediate: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            // The residual joins inside the projection's kernel where it can.
+            let summed = self.dense.forward_residual(intermediate, residual)?;
+            return Ok(self.layer_norm.forward(&summed)?);
+        }
         let projected = self
             .dense
             .forward_dropout(intermediate, Some(&self.dropout), train)?;
