@@ -159,7 +159,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 
 /// Softmax of `row` in place; `row` holds the (scaled, biased) scores.
 #[inline(always)]
-fn softmax_in_place<T: Real>(row: &mut [T]) {
+pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
     // A plain comparison, which compiles to vector max instructions; `Float::max`'s NaN rule
     // (return the other operand) kept this loop scalar. A NaN score makes the row NaN either
     // way (through `v - max` or the sum).
@@ -1277,21 +1277,25 @@ impl AttentionOp {
                                 ld as isize,
                             );
                         }
-                        let bias: Option<Vec<T>> = self.bias.as_ref().map(|bias| {
-                            bias[b * seq..(b + 1) * seq]
-                                .iter()
-                                .map(|&v| T::from_f64(v as f64))
-                                .collect()
-                        });
-                        for row in p.chunks_exact_mut(seq) {
-                            match &bias {
-                                Some(bias) => row
-                                    .iter_mut()
-                                    .zip(bias)
-                                    .for_each(|(s, &bias)| *s = *s * scale + bias),
-                                None => row.iter_mut().for_each(|s| *s *= scale),
+                        let row_bias = self.bias.as_ref().map(|bias| &bias[b * seq..(b + 1) * seq]);
+                        if let Some(p32) = as_f32_mut(p) {
+                            let scale = self.scale as f32;
+                            for row in p32.chunks_exact_mut(seq) {
+                                crate::vector_math::scaled_softmax(row, scale, row_bias);
                             }
-                            softmax_in_place(row);
+                        } else {
+                            let bias: Option<Vec<T>> = row_bias
+                                .map(|bias| bias.iter().map(|&v| T::from_f64(v as f64)).collect());
+                            for row in p.chunks_exact_mut(seq) {
+                                match &bias {
+                                    Some(bias) => row
+                                        .iter_mut()
+                                        .zip(bias)
+                                        .for_each(|(s, &bias)| *s = *s * scale + bias),
+                                    None => row.iter_mut().for_each(|s| *s *= scale),
+                                }
+                                softmax_in_place(row);
+                            }
                         }
                         let dropped;
                         let weights: &[T] = match &self.dropout {
