@@ -388,32 +388,19 @@ impl LayerNormOp {
                 dx[j] = T::from_f64(rstd * (g - mean_g - xhat * mean_g_xhat));
             }
         });
-        // dw = sum over rows of dy * xhat, db = sum of dy: per-thread partial sums, then added.
-        let (dw, db) = (0..rows)
-            .into_par_iter()
-            .with_min_len(64)
-            .fold(
-                || (vec![0f64; dim], vec![0f64; dim]),
-                |(mut dw, mut db), r| {
-                    let row = &x[r * dim..(r + 1) * dim];
-                    let grad = &dy[r * dim..(r + 1) * dim];
-                    let (mean, rstd) = stats[r];
-                    for j in 0..dim {
-                        let g = grad[j].to_f64();
-                        dw[j] += g * (row[j].to_f64() - mean) * rstd;
-                        db[j] += g;
-                    }
-                    (dw, db)
-                },
-            )
-            .reduce(
-                || (vec![0f64; dim], vec![0f64; dim]),
-                |(mut a, mut b), (c, d)| {
-                    a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
-                    b.iter_mut().zip(&d).for_each(|(b, d)| *b += d);
-                    (a, b)
-                },
-            );
+        // dw = sum over rows of dy * xhat, db = sum of dy, side by side in one set of sums.
+        let sums = ordered_row_sums(rows, 2 * dim, |r, acc: &mut [f64]| {
+            let row = &x[r * dim..(r + 1) * dim];
+            let grad = &dy[r * dim..(r + 1) * dim];
+            let (mean, rstd) = stats[r];
+            let (dw, db) = acc.split_at_mut(dim);
+            for j in 0..dim {
+                let g = grad[j].to_f64();
+                dw[j] += g * (row[j].to_f64() - mean) * rstd;
+                db[j] += g;
+            }
+        });
+        let (dw, db) = sums.split_at(dim);
         for j in 0..dim {
             out[rows * dim + j] = T::from_f64(dw[j]);
             out[(rows + 1) * dim + j] = T::from_f64(db[j]);
@@ -943,29 +930,46 @@ fn as_f32_mut<T: 'static>(y: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<f32>(), y.len()) })
 }
 
-/// Sums the rows of a contiguous `[rows, cols]` block: per-thread partial sums over row
-/// ranges, then added (candle's `sum(0)` walks the columns with a stride).
+/// Sums the rows of a contiguous `[rows, cols]` block (candle's `sum(0)` walks the columns
+/// with a stride), deterministically: see [`ordered_row_sums`].
 fn column_sums<T: Real + Default>(x: &[T], cols: usize) -> Vec<T> {
     let rows = x.len() / cols.max(1);
-    (0..rows)
+    ordered_row_sums(rows, cols, |r, acc: &mut [T]| {
+        for (a, &v) in acc.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+            *a += v;
+        }
+    })
+}
+
+/// Rows per partial sum in [`ordered_row_sums`].
+const ROWS_PER_PARTIAL: usize = 64;
+
+/// `width` sums over `rows`, `add_row(r, acc)` adding row `r`'s terms into `acc`: blocks of
+/// [`ROWS_PER_PARTIAL`] rows summed in parallel, then the block sums added in block order, so
+/// the rounding is the same on every run and thread count. (Rayon's `fold`/`reduce` groups rows
+/// by work stealing: the last bits of gradients changed from run to run, and a resumed run no
+/// longer matched the uninterrupted one.)
+fn ordered_row_sums<A: Copy + Default + std::ops::AddAssign + Send + Sync>(
+    rows: usize,
+    width: usize,
+    add_row: impl Fn(usize, &mut [A]) + Sync + Send,
+) -> Vec<A> {
+    let partials: Vec<Vec<A>> = (0..rows.div_ceil(ROWS_PER_PARTIAL))
         .into_par_iter()
-        .with_min_len(64)
-        .fold(
-            || vec![T::zero(); cols],
-            |mut acc, r| {
-                for (a, &v) in acc.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
-                    *a += v;
-                }
-                acc
-            },
-        )
-        .reduce(
-            || vec![T::zero(); cols],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += *b);
-                a
-            },
-        )
+        .map(|block| {
+            let mut acc = vec![A::default(); width];
+            let end = ((block + 1) * ROWS_PER_PARTIAL).min(rows);
+            for r in block * ROWS_PER_PARTIAL..end {
+                add_row(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![A::default(); width];
+    for partial in partials {
+        total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+    }
+    total
 }
 
 /// The bias gradient of [`LinearOp`]: column sums of `dy` viewed as `[rows, out]`.
@@ -1841,5 +1845,31 @@ mod tests {
             }
         }
         assert_eq!(with_simd(|| run(&x)), baseline, "dispatch");
+    }
+
+    /// Bias and LayerNorm gradient sums round the same way on every run and thread count
+    /// (exact resume depends on it): column sums of f32 rows in pools of 1, 2 and 3 threads,
+    /// each several times, give one bit pattern.
+    #[test]
+    fn row_sums_are_the_same_bits_on_any_thread_count() {
+        let (rows, cols) = (1000, 37);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 * 1e-3 - 0.5)
+            .collect();
+        let reference = column_sums(&x, cols);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for _ in 0..5 {
+                let sums = pool.install(|| column_sums(&x, cols));
+                let same = sums
+                    .iter()
+                    .zip(&reference)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{threads} threads: {sums:?} vs {reference:?}");
+            }
+        }
     }
 }

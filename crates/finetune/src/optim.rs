@@ -320,12 +320,11 @@ pub fn grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
         let (storage, layout) = g.storage_and_layout();
         let offsets = layout.contiguous_offsets();
         total += match (&*storage, offsets) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v[a..b]
-                .par_iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>(),
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                ordered_sum_of_squares(&v[a..b], |x| x as f64)
+            }
             (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
-                v[a..b].par_iter().map(|&x| x * x).sum::<f64>()
+                ordered_sum_of_squares(&v[a..b], |x| x)
             }
             _ => {
                 drop(storage);
@@ -337,6 +336,18 @@ pub fn grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
         };
     }
     Ok(total.sqrt())
+}
+
+/// `sum(to_f64(x)^2)`: fixed chunks summed in parallel, their sums added in order, so the
+/// result is the same on every run (rayon's `sum` groups by work stealing: the norm's last
+/// digits, and through clipping the update, changed between runs and broke exact resume).
+fn ordered_sum_of_squares<T: Copy + Sync>(values: &[T], to_f64: impl Fn(T) -> f64 + Sync) -> f64 {
+    values
+        .par_chunks(1 << 14)
+        .map(|chunk| chunk.iter().map(|&x| to_f64(x) * to_f64(x)).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .into_iter()
+        .sum()
 }
 
 /// The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by:
@@ -495,5 +506,24 @@ mod tests {
         let ga = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
         let gb = grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
         assert!(((ga * ga + gb * gb).sqrt() - 1.0).abs() < 1e-4);
+    }
+
+    /// The gradient norm's sum of squares is the same bits on any thread count and run.
+    #[test]
+    fn sum_of_squares_is_the_same_bits_on_any_thread_count() {
+        let values: Vec<f32> = (0..200_000)
+            .map(|i| ((i * 7919) % 1013) as f32 * 1e-3 - 0.5)
+            .collect();
+        let reference = ordered_sum_of_squares(&values, |x| x as f64);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for _ in 0..5 {
+                let total = pool.install(|| ordered_sum_of_squares(&values, |x| x as f64));
+                assert_eq!(total.to_bits(), reference.to_bits(), "{threads} threads");
+            }
+        }
     }
 }
