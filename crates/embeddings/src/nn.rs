@@ -165,13 +165,33 @@ impl Linear {
     /// the weight, so it is detached from any gradient; a weight already in that layout is left
     /// as is. An f32 weight on a CPU with AVX-512 is also packed into panels for products over
     /// few rows (`panel_gemm`: the weight read once, in address order; a second copy of it).
+    /// [`Linear::store_transposed`] then [`Linear::pack_for_small_batches`].
     pub fn use_inference_layout(&mut self) -> Result<()> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        self.store_transposed()?;
+        self.pack_for_small_batches()
+    }
+
+    /// The layout half of [`Linear::use_inference_layout`], without the panels.
+    pub fn store_transposed(&mut self) -> Result<()> {
         let layout = crate::kernels::WeightLayout::of(self.weight.layout());
         if !matches!(layout, Some((crate::kernels::WeightLayout::InByOut, _))) {
             self.weight = self.weight.detach().t()?.contiguous()?.t()?;
         }
-        let packable = self.weight.device().is_cpu()
+        Ok(())
+    }
+
+    /// The panel half of [`Linear::use_inference_layout`]: packs an f32 weight stored
+    /// transposed (on a CPU with AVX-512). A weight that is a strided view into a larger block,
+    /// as query, key and value become when an attention block fuses them, is left
+    /// unpacked: inference multiplies by the block, so its panels would go unused.
+    pub fn pack_for_small_batches(&mut self) -> Result<()> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let stored = matches!(
+            crate::kernels::WeightLayout::of(self.weight.layout()),
+            Some((crate::kernels::WeightLayout::InByOut, _))
+        );
+        let packable = stored
+            && self.weight.device().is_cpu()
             && self.weight.dtype() == DType::F32
             && crate::panel_gemm::PanelWeights::available();
         if packable && self.panels.is_none() {
@@ -1234,5 +1254,28 @@ mod tests {
         let y = linear.forward_residual(&x, &residual).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(w.as_tensor()).is_some());
+    }
+
+    /// Panels are packed for a weight stored transposed, not for a strided view into a larger
+    /// block (fused query/key/value), and `use_inference_layout` does both halves.
+    #[test]
+    fn panels_only_for_weights_stored_transposed() {
+        if !crate::panel_gemm::PanelWeights::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let block = Tensor::randn(0f32, 1.0, (20, 3 * 48), &dev).unwrap();
+        let mut view = Linear::new(block.narrow(1, 48, 48).unwrap().t().unwrap(), None);
+        view.pack_for_small_batches().unwrap();
+        assert!(view.panels.is_none());
+        let mut plain = Linear::new(Tensor::randn(0f32, 1.0, (48, 20), &dev).unwrap(), None);
+        plain.pack_for_small_batches().unwrap();
+        assert!(plain.panels.is_none(), "not yet stored transposed");
+        plain.store_transposed().unwrap();
+        plain.pack_for_small_batches().unwrap();
+        assert!(plain.panels.is_some());
+        let mut both = Linear::new(Tensor::randn(0f32, 1.0, (48, 20), &dev).unwrap(), None);
+        both.use_inference_layout().unwrap();
+        assert!(both.panels.is_some());
     }
 }
