@@ -296,16 +296,7 @@ impl Linear {
     pub fn forward_activation(&self, x: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
         let fused = act == HiddenAct::Gelu && self.inference_kernel_applies(x);
         match (&self.bias, fused) {
-            (Some(bias), true) => x.contiguous()?.apply_op3_no_bwd(
-                &self.kernel_weight()?,
-                &bias.contiguous()?,
-                &crate::kernels::LinearOp {
-                    dropout: None,
-                    gelu: true,
-                    panels: self.panels.clone(),
-                    residual: None,
-                },
-            ),
+            (Some(bias), true) => self.inference_kernel(x, bias, true, None),
             _ => activation(act, &self.forward_t(x, false)?),
         }
     }
@@ -317,18 +308,32 @@ impl Linear {
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         let fused = self.inference_kernel_applies(x) && !residual.track_op();
         match (&self.bias, fused) {
-            (Some(bias), true) => x.contiguous()?.apply_op3_no_bwd(
-                &self.kernel_weight()?,
-                &bias.contiguous()?,
-                &crate::kernels::LinearOp {
-                    dropout: None,
-                    gelu: false,
-                    panels: self.panels.clone(),
-                    residual: Some(residual.contiguous()?),
-                },
-            ),
+            (Some(bias), true) => {
+                self.inference_kernel(x, bias, false, Some(residual.contiguous()?))
+            }
             _ => self.forward_t(x, false)? + residual,
         }
+    }
+
+    /// The inference-only CPU kernel (no backward) on `x`: the product with `bias`, then the
+    /// GELU, or started from `residual`.
+    fn inference_kernel(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        gelu: bool,
+        residual: Option<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op3_no_bwd(
+            &self.kernel_weight()?,
+            &bias.contiguous()?,
+            &crate::kernels::LinearOp {
+                dropout: None,
+                gelu,
+                panels: self.panels.clone(),
+                residual,
+            },
+        )
     }
 
     /// Whether the inference-only CPU kernel (no backward) computes this layer on `x`: CPU,
