@@ -845,32 +845,6 @@ impl LinearOp {
             WeightLayout::OutByIn => (in_dim as isize, 1),
             WeightLayout::InByOut => (1, out_dim as isize),
         };
-        // `y[first..first + n] += x[first..first + n] W^T`.
-        // SAFETY (of every call): `x` holds `rows * in_dim` elements, `w` `out_dim * in_dim`
-        // with the strides above, `y_block` `n * out_dim`, not aliasing either.
-        let multiply_add = |first: usize, n: usize, y_block: &mut [T], parallelism| unsafe {
-            gemm::gemm(
-                n,
-                out_dim,
-                in_dim,
-                y_block.as_mut_ptr(),
-                1,
-                out_dim as isize,
-                true,
-                x[first * in_dim..].as_ptr(),
-                1,
-                in_dim as isize,
-                w.as_ptr(),
-                w_cs,
-                w_rs,
-                T::one(),
-                T::one(),
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        };
         let threads = candle_core::utils::get_num_threads();
         let mut y = rows_init(rows, out_dim, 1 << 16, fill);
         if let Some(panels) = self
@@ -889,7 +863,31 @@ impl LinearOp {
         } else {
             gemm::Parallelism::None
         };
-        multiply_add(0, rows, &mut y, parallelism);
+        // SAFETY: the pointers cover rows x in (x), out x in (w) and rows x out (y) elements
+        // with the strides given; y does not alias x or w.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out_dim,
+                in_dim,
+                y.as_mut_ptr(),
+                1,
+                out_dim as isize,
+                true,
+                x.as_ptr(),
+                1,
+                in_dim as isize,
+                w.as_ptr(),
+                w_cs,
+                w_rs,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
         self.finish(&mut y);
         y
     }
