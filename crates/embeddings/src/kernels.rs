@@ -159,7 +159,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 
 /// Softmax of `row` in place; `row` holds the (scaled, biased) scores.
 #[inline(always)]
-pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
+fn softmax_in_place<T: Real>(row: &mut [T]) {
     // A plain comparison, which compiles to vector max instructions; `Float::max`'s NaN rule
     // (return the other operand) kept this loop scalar. A NaN score makes the row NaN either
     // way (through `v - max` or the sum).
@@ -175,6 +175,20 @@ pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
     }
     let inv = T::one() / reduce_lanes(row.len(), T::zero(), |j| row[j], |x, y| x + y);
     row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `row = softmax(row * scale + bias)` in place, the portable form of the attention's row step
+/// (`vector_math::scaled_softmax` is its AVX-512 f32 counterpart and falls back to it).
+#[inline(always)]
+pub(crate) fn scaled_softmax_in_place<T: Real>(row: &mut [T], scale: T, bias: Option<&[T]>) {
+    match bias {
+        Some(bias) => row
+            .iter_mut()
+            .zip(bias)
+            .for_each(|(s, &bias)| *s = *s * scale + bias),
+        None => row.iter_mut().for_each(|s| *s *= scale),
+    }
+    softmax_in_place(row);
 }
 
 /// `n` copies of `value`, written rather than `calloc`ed: a fresh zeroed allocation maps the
@@ -1289,14 +1303,7 @@ impl AttentionOp {
                             let bias: Option<Vec<T>> = row_bias
                                 .map(|bias| bias.iter().map(|&v| T::from_f64(v as f64)).collect());
                             for row in p.chunks_exact_mut(seq) {
-                                match &bias {
-                                    Some(bias) => row
-                                        .iter_mut()
-                                        .zip(bias)
-                                        .for_each(|(s, &bias)| *s = *s * scale + bias),
-                                    None => row.iter_mut().for_each(|s| *s *= scale),
-                                }
-                                softmax_in_place(row);
+                                scaled_softmax_in_place(row, scale, bias.as_deref());
                             }
                         }
                         let dropped;

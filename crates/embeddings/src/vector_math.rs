@@ -31,14 +31,7 @@ pub(crate) fn scaled_softmax(row: &mut [f32], scale: f32, bias: Option<&[f32]>) 
         unsafe { avx512::scaled_softmax(row, scale, bias) };
         return;
     }
-    match bias {
-        Some(bias) => row
-            .iter_mut()
-            .zip(bias)
-            .for_each(|(s, &b)| *s = *s * scale + b),
-        None => row.iter_mut().for_each(|s| *s *= scale),
-    }
-    crate::kernels::softmax_in_place(row);
+    crate::kernels::scaled_softmax_in_place(row, scale, bias);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -164,14 +157,7 @@ mod tests {
                     .collect();
                 let bias = with_bias.then_some(&bias[..]);
                 let mut expected = scores.clone();
-                match bias {
-                    Some(b) => expected
-                        .iter_mut()
-                        .zip(b)
-                        .for_each(|(s, &b)| *s = *s * 0.125 + b),
-                    None => expected.iter_mut().for_each(|s| *s *= 0.125),
-                }
-                crate::kernels::softmax_in_place(&mut expected);
+                crate::kernels::scaled_softmax_in_place(&mut expected, 0.125, bias);
                 let mut got = scores.clone();
                 scaled_softmax(&mut got, 0.125, bias);
                 for (j, (g, e)) in got.iter().zip(&expected).enumerate() {
