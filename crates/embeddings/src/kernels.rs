@@ -317,11 +317,16 @@ fn rows_init<T: Send + Sync + Copy + Default>(
     };
     let spare = &mut out.spare_capacity_mut()[..n];
     if n >= parallel_from {
-        spare.par_chunks_mut(dim).enumerate().for_each(init);
+        let base = SharedMut(spare.as_mut_ptr());
+        crate::team::parallel_for(rows, |r| {
+            // SAFETY: row r (in bounds: r < rows) is this task's alone.
+            let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(r * dim), dim) };
+            init((r, row));
+        });
     } else {
         spare.chunks_mut(dim).enumerate().for_each(init);
     }
-    // SAFETY: the chunks above cover the first `n` elements, each written.
+    // SAFETY: the rows above cover the first `n` elements, each written.
     unsafe { out.set_len(n) };
     out
 }
@@ -661,7 +666,13 @@ fn map_elements<T: Copy + Send + Sync, U: Copy + Sync>(
     };
     let spare = &mut out.spare_capacity_mut()[..n];
     if n >= PARALLEL_MIN_ELEMENTS {
-        spare.par_chunks_mut(CHUNK).enumerate().for_each(map_chunk);
+        let base = SharedMut(spare.as_mut_ptr());
+        crate::team::parallel_for(n.div_ceil(CHUNK), |c| {
+            let len = CHUNK.min(n - c * CHUNK);
+            // SAFETY: chunk c (in bounds) is this task's alone.
+            let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(c * CHUNK), len) };
+            map_chunk((c, chunk));
+        });
     } else {
         spare.chunks_mut(CHUNK).enumerate().for_each(map_chunk);
     }
@@ -910,7 +921,14 @@ impl LinearOp {
     fn finish<T: Real + Default + 'static>(&self, y: &mut [T]) {
         if self.gelu {
             // While the GEMM's output is still in cache, chunk by chunk.
-            y.par_chunks_mut(1 << 12).for_each(|chunk| {
+            const CHUNK: usize = 1 << 12;
+            let n = y.len();
+            let base = SharedMut(y.as_mut_ptr());
+            crate::team::parallel_for(n.div_ceil(CHUNK), |c| {
+                let len = CHUNK.min(n - c * CHUNK);
+                // SAFETY: chunk c (in bounds) is this task's alone.
+                let chunk =
+                    unsafe { std::slice::from_raw_parts_mut(base.get().add(c * CHUNK), len) };
                 with_simd(
                     #[inline(always)]
                     || chunk.iter_mut().for_each(|v| *v = gelu(*v)),
@@ -1257,90 +1275,86 @@ impl AttentionOp {
         let ctx_ptr = SharedMut(context.as_mut_ptr());
         let probs_ptr = probs.as_mut().map(|p| SharedMut(p.as_mut_ptr()));
         let scale = T::from_f64(self.scale);
-        (0..batch * heads)
-            .into_par_iter()
-            .for_each_init(Vec::new, |scratch: &mut Vec<T>, task| {
-                // This task's (seq x seq) probabilities: its block of the kept tensor, or the
-                // thread's scratch.
-                let p: &mut [T] = match probs_ptr {
-                    // SAFETY: task blocks of seq * seq elements are disjoint and in bounds.
-                    Some(ptr) => unsafe {
-                        std::slice::from_raw_parts_mut(ptr.get().add(task * seq * seq), seq * seq)
-                    },
-                    None => {
-                        scratch.resize(seq * seq, T::zero());
-                        scratch
+        crate::team::parallel_for_init(batch * heads, Vec::new, |scratch: &mut Vec<T>, task| {
+            // This task's (seq x seq) probabilities: its block of the kept tensor, or the
+            // thread's scratch.
+            let p: &mut [T] = match probs_ptr {
+                // SAFETY: task blocks of seq * seq elements are disjoint and in bounds.
+                Some(ptr) => unsafe {
+                    std::slice::from_raw_parts_mut(ptr.get().add(task * seq * seq), seq * seq)
+                },
+                None => {
+                    scratch.resize(seq * seq, T::zero());
+                    scratch
+                }
+            };
+            with_simd(
+                #[inline(always)]
+                || {
+                    let (b, h) = (task / heads, task % heads);
+                    let base = b * seq * ld + h * d;
+                    // SAFETY: q, k (rows of stride `ld`) and p (seq x seq) are in bounds.
+                    unsafe {
+                        small_gemm(
+                            seq,
+                            seq,
+                            d,
+                            p.as_mut_ptr(),
+                            seq,
+                            q[base..].as_ptr(),
+                            ld as isize,
+                            1,
+                            k[base..].as_ptr(),
+                            1,
+                            ld as isize,
+                        );
                     }
-                };
-                with_simd(
-                    #[inline(always)]
-                    || {
-                        let (b, h) = (task / heads, task % heads);
-                        let base = b * seq * ld + h * d;
-                        // SAFETY: q, k (rows of stride `ld`) and p (seq x seq) are in bounds.
-                        unsafe {
-                            small_gemm(
-                                seq,
-                                seq,
-                                d,
-                                p.as_mut_ptr(),
-                                seq,
-                                q[base..].as_ptr(),
-                                ld as isize,
-                                1,
-                                k[base..].as_ptr(),
-                                1,
-                                ld as isize,
-                            );
+                    let row_bias = self.bias.as_ref().map(|bias| &bias[b * seq..(b + 1) * seq]);
+                    if let Some(p32) = as_f32_mut(p) {
+                        let scale = self.scale as f32;
+                        for row in p32.chunks_exact_mut(seq) {
+                            crate::vector_math::scaled_softmax(row, scale, row_bias);
                         }
-                        let row_bias = self.bias.as_ref().map(|bias| &bias[b * seq..(b + 1) * seq]);
-                        if let Some(p32) = as_f32_mut(p) {
-                            let scale = self.scale as f32;
-                            for row in p32.chunks_exact_mut(seq) {
-                                crate::vector_math::scaled_softmax(row, scale, row_bias);
-                            }
-                        } else {
-                            let bias: Option<Vec<T>> = row_bias
-                                .map(|bias| bias.iter().map(|&v| T::from_f64(v as f64)).collect());
-                            for row in p.chunks_exact_mut(seq) {
-                                scaled_softmax_in_place(row, scale, bias.as_deref());
-                            }
+                    } else {
+                        let bias: Option<Vec<T>> = row_bias
+                            .map(|bias| bias.iter().map(|&v| T::from_f64(v as f64)).collect());
+                        for row in p.chunks_exact_mut(seq) {
+                            scaled_softmax_in_place(row, scale, bias.as_deref());
                         }
-                        let dropped;
-                        let weights: &[T] = match &self.dropout {
-                            Some((keep, keep_scale)) => {
-                                let keep = &keep[task * seq * seq..(task + 1) * seq * seq];
-                                let keep_scale = T::from_f64(*keep_scale);
-                                dropped = p
-                                    .iter()
-                                    .zip(keep)
-                                    .map(
-                                        |(&x, &kept)| if kept { x * keep_scale } else { T::zero() },
-                                    )
-                                    .collect::<Vec<T>>();
-                                &dropped
-                            }
-                            None => p,
-                        };
-                        // SAFETY: this task alone writes context rows b, columns h*d..(h+1)*d.
-                        unsafe {
-                            small_gemm(
-                                seq,
-                                d,
-                                seq,
-                                ctx_ptr.get().add(b * seq * hidden + h * d),
-                                hidden,
-                                weights.as_ptr(),
-                                seq as isize,
-                                1,
-                                v[base..].as_ptr(),
-                                ld as isize,
-                                1,
-                            );
+                    }
+                    let dropped;
+                    let weights: &[T] = match &self.dropout {
+                        Some((keep, keep_scale)) => {
+                            let keep = &keep[task * seq * seq..(task + 1) * seq * seq];
+                            let keep_scale = T::from_f64(*keep_scale);
+                            dropped = p
+                                .iter()
+                                .zip(keep)
+                                .map(|(&x, &kept)| if kept { x * keep_scale } else { T::zero() })
+                                .collect::<Vec<T>>();
+                            &dropped
                         }
-                    },
-                )
-            });
+                        None => p,
+                    };
+                    // SAFETY: this task alone writes context rows b, columns h*d..(h+1)*d.
+                    unsafe {
+                        small_gemm(
+                            seq,
+                            d,
+                            seq,
+                            ctx_ptr.get().add(b * seq * hidden + h * d),
+                            hidden,
+                            weights.as_ptr(),
+                            seq as isize,
+                            1,
+                            v[base..].as_ptr(),
+                            ld as isize,
+                            1,
+                        );
+                    }
+                },
+            )
+        });
         (context, probs)
     }
 

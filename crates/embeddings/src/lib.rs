@@ -9,6 +9,7 @@ pub mod error;
 mod kernels;
 pub mod nn;
 mod panel_gemm;
+pub mod team;
 mod vector_math;
 
 pub use config::{Config, HiddenAct, PositionEmbeddingType, ProblemType};

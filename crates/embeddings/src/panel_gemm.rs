@@ -10,8 +10,6 @@
 //! loop, the panel prefetched ahead. Past [`MAX_ROWS`] rows the general GEMM, which blocks `x`
 //! for its caches, is faster.
 
-use rayon::prelude::*;
-
 /// Output columns per panel: four AVX-512 registers of f32.
 pub(crate) const PANEL: usize = 64;
 
@@ -76,7 +74,7 @@ impl PanelWeights {
     }
 
     /// `y[rows, out] += x[rows, in] W^T`, both row-major and contiguous. The panels are shared
-    /// out over rayon's threads. Callers check [`Self::available`] first.
+    /// out over the threads ([`crate::team::parallel_for`]). Callers check [`Self::available`] first.
     pub(crate) fn multiply_add(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         assert!(
@@ -87,25 +85,64 @@ impl PanelWeights {
         );
         let out = SharedOut(y.as_mut_ptr());
         let out = &out;
-        self.panels
-            .par_chunks(in_dim * PANEL)
-            .enumerate()
-            .for_each(move |(p, panel)| {
-                let first = p * PANEL;
-                let width = PANEL.min(out_dim - first);
-                for r0 in (0..rows).step_by(TILE_ROWS) {
-                    let tile = TILE_ROWS.min(rows - r0);
-                    // SAFETY: AVX-512F/FMA are present (asserted above); x covers rows x in,
-                    // the panel in x PANEL, and y rows x out, of which this task alone writes
-                    // columns first..first + width of rows r0..r0 + tile.
-                    unsafe {
-                        let x = x.as_ptr().add(r0 * in_dim);
-                        let y = out.0.add(r0 * out_dim + first);
-                        tile_rows(tile, x, in_dim, panel.as_ptr(), y, out_dim, width);
-                    }
+        let panel_len = in_dim * PANEL;
+        let all = &self.panels;
+        let tiles = rows.div_ceil(TILE_ROWS);
+        // The first tile of a panel streams it from memory, the later ones re-read it from
+        // L2 and are bound by arithmetic: they prefetch the next panel meanwhile, shared out
+        // so that the last later tile ends on the panel's end.
+        let lines = panel_len * 4 / 64;
+        let lines_per_tile = if tiles > 1 {
+            lines.div_ceil(tiles - 1)
+        } else {
+            0
+        };
+        let lines_per_k = lines_per_tile.div_ceil(in_dim.max(1));
+        crate::team::parallel_for(all.len() / panel_len, |p| {
+            let panel = &all[p * panel_len..(p + 1) * panel_len];
+            let first = p * PANEL;
+            let width = PANEL.min(out_dim - first);
+            let next = all
+                .get((p + 1) * panel_len..)
+                .filter(|rest| !rest.is_empty())
+                .map(<[f32]>::as_ptr);
+            for (t, r0) in (0..rows).step_by(TILE_ROWS).enumerate() {
+                let tile = TILE_ROWS.min(rows - r0);
+                let prefetch = match next {
+                    Some(next) if t > 0 => Prefetch {
+                        at: next
+                            .cast::<i8>()
+                            .wrapping_add((t - 1) * lines_per_tile * 64),
+                        lines_per_k,
+                    },
+                    _ => Prefetch::NONE,
+                };
+                // SAFETY: AVX-512F/FMA are present (asserted above); x covers rows x in,
+                // the panel in x PANEL, and y rows x out, of which this task alone writes
+                // columns first..first + width of rows r0..r0 + tile.
+                unsafe {
+                    let x = x.as_ptr().add(r0 * in_dim);
+                    let y = out.0.add(r0 * out_dim + first);
+                    tile_rows(tile, x, in_dim, panel.as_ptr(), y, out_dim, width, prefetch);
                 }
-            });
+            }
+        });
     }
+}
+
+/// Cache lines a tile asks for into L2 as it goes: `lines_per_k` lines per step of the `in`
+/// loop, from `at` on (a hint only: addresses past the weights are harmless).
+#[derive(Clone, Copy)]
+struct Prefetch {
+    at: *const i8,
+    lines_per_k: usize,
+}
+
+impl Prefetch {
+    const NONE: Self = Self {
+        at: std::ptr::null(),
+        lines_per_k: 0,
+    };
 }
 
 /// The output pointer, shared by tasks that write disjoint columns.
@@ -126,15 +163,16 @@ unsafe fn tile_rows(
     y: *mut f32,
     y_stride: usize,
     width: usize,
+    prefetch: Prefetch,
 ) {
     #[cfg(target_arch = "x86_64")]
     match tile {
-        1 => tile_avx512::<1>(x, in_dim, panel, y, y_stride, width),
-        2 => tile_avx512::<2>(x, in_dim, panel, y, y_stride, width),
-        3 => tile_avx512::<3>(x, in_dim, panel, y, y_stride, width),
-        4 => tile_avx512::<4>(x, in_dim, panel, y, y_stride, width),
-        5 => tile_avx512::<5>(x, in_dim, panel, y, y_stride, width),
-        _ => tile_avx512::<6>(x, in_dim, panel, y, y_stride, width),
+        1 => tile_avx512::<1>(x, in_dim, panel, y, y_stride, width, prefetch),
+        2 => tile_avx512::<2>(x, in_dim, panel, y, y_stride, width, prefetch),
+        3 => tile_avx512::<3>(x, in_dim, panel, y, y_stride, width, prefetch),
+        4 => tile_avx512::<4>(x, in_dim, panel, y, y_stride, width, prefetch),
+        5 => tile_avx512::<5>(x, in_dim, panel, y, y_stride, width, prefetch),
+        _ => tile_avx512::<6>(x, in_dim, panel, y, y_stride, width, prefetch),
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("PanelWeights::available is false off x86_64")
@@ -156,10 +194,17 @@ unsafe fn tile_avx512<const R: usize>(
     y: *mut f32,
     y_stride: usize,
     width: usize,
+    prefetch: Prefetch,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for k in 0..in_dim {
+        for line in 0..prefetch.lines_per_k {
+            let at = prefetch
+                .at
+                .wrapping_add((k * prefetch.lines_per_k + line) * 64);
+            _mm_prefetch::<_MM_HINT_T1>(at);
+        }
         let w = panel.add(k * PANEL);
         // The panel streams from memory the first time through: ask for it ahead, a cache
         // line per register (past the panel's end the hint is harmless and ignored).

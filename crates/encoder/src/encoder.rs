@@ -93,7 +93,21 @@ impl BertEncoder {
         options: &ForwardOptions,
     ) -> Result<EncoderOutput> {
         let (batch, seq, _) = hidden_states.dims3()?;
-        // Short inference passes on the CPU run on a thread of rayon's pool, which the
+        // Short f32 inference passes on the CPU run their parallel loops on a team of threads
+        // that spin between loops instead of sleeping on rayon's (1 x 16: the futex sleeps and
+        // wake-ups were ~15% of the pass). Not from inside rayon's pool: there other passes
+        // are likely running on the other threads, and spinning helpers would compete with them.
+        if !options.train
+            && hidden_states.device().is_cpu()
+            && bert_embeddings::team::suits(batch * seq, hidden_states.dtype())
+            && !bert_embeddings::team::active()
+            && rayon::current_thread_index().is_none()
+        {
+            return bert_embeddings::team::with_team(|| {
+                self.forward(hidden_states, attention_mask, options)
+            });
+        }
+        // Other short inference passes on the CPU run on a thread of rayon's pool, which the
         // kernels' parallel loops then share. Run from the caller's own thread, the caller and
         // every pool thread were runnable at once (3 threads on 2 cores): the pool spun for
         // work while the caller ran the serial steps between kernels (1 x 16: ~15% of the
@@ -104,6 +118,7 @@ impl BertEncoder {
             && batch * seq <= ON_POOL_MAX_TOKENS
             && hidden_states.device().is_cpu()
             && rayon::current_thread_index().is_none()
+            && !bert_embeddings::team::active()
         {
             return rayon::join(
                 || self.forward(hidden_states, attention_mask, options),
