@@ -1275,7 +1275,12 @@ impl AttentionOp {
         let ctx_ptr = SharedMut(context.as_mut_ptr());
         let probs_ptr = probs.as_mut().map(|p| SharedMut(p.as_mut_ptr()));
         let scale = T::from_f64(self.scale);
-        crate::team::parallel_for_init(batch * heads, Vec::new, |scratch: &mut Vec<T>, task| {
+        // Inference (no dropout, probabilities not kept) in f32 divides the `P V` rows by the
+        // softmax sums instead of the probability rows: head size (32) wide, not sequence wide.
+        let divide_after = self.dropout.is_none() && probs_ptr.is_none();
+        let init = || (Vec::new(), Vec::new());
+        crate::team::parallel_for_init(batch * heads, init, |state, task| {
+            let (scratch, sums): &mut (Vec<T>, Vec<f32>) = state;
             // This task's (seq x seq) probabilities: its block of the kept tensor, or the
             // thread's scratch.
             let p: &mut [T] = match probs_ptr {
@@ -1310,10 +1315,15 @@ impl AttentionOp {
                         );
                     }
                     let row_bias = self.bias.as_ref().map(|bias| &bias[b * seq..(b + 1) * seq]);
+                    sums.clear();
                     if let Some(p32) = as_f32_mut(p) {
                         let scale = self.scale as f32;
                         for row in p32.chunks_exact_mut(seq) {
-                            crate::vector_math::scaled_softmax(row, scale, row_bias);
+                            if divide_after {
+                                sums.push(crate::vector_math::scaled_exp_row(row, scale, row_bias));
+                            } else {
+                                crate::vector_math::scaled_softmax(row, scale, row_bias);
+                            }
                         }
                     } else {
                         let bias: Option<Vec<T>> = row_bias
@@ -1351,6 +1361,20 @@ impl AttentionOp {
                             ld as isize,
                             1,
                         );
+                    }
+                    // `sums` is filled only in the f32 case, where T is f32.
+                    for (r, &sum) in sums.iter().enumerate() {
+                        // SAFETY: this task's context row r, columns h*d..(h+1)*d, as above.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                ctx_ptr
+                                    .get()
+                                    .add((b * seq + r) * hidden + h * d)
+                                    .cast::<f32>(),
+                                d,
+                            )
+                        };
+                        crate::vector_math::scale_row(row, 1.0 / sum);
                     }
                 },
             )

@@ -1088,6 +1088,45 @@ mod tests {
         }
     }
 
+    /// The f32 inference kernel (softmax sums divided out of the `P V` rows) and the path
+    /// that keeps the probabilities (rows normalised first) agree with each other and with
+    /// the f64 kernel, with padding, at lengths around the 16-lane width.
+    #[test]
+    fn f32_inference_attention_matches_f64() {
+        let dev = Device::Cpu;
+        let (heads, head_dim) = (3, 8);
+        let hidden = heads * head_dim;
+        for (batch, seq) in [(2usize, 5usize), (1, 16), (3, 33)] {
+            let qkv: Vec<Tensor> = (0..3)
+                .map(|_| Tensor::randn(0f64, 2.0, (batch, seq, hidden), &dev).unwrap())
+                .collect();
+            let padding: Vec<f64> = (0..batch * seq)
+                .map(|i| {
+                    if i % seq >= seq - (i / seq) {
+                        f32::MIN as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let padding = Tensor::from_vec(padding, (batch, 1, 1, seq), &dev).unwrap();
+            let run = |dtype: DType, want_probs: bool| {
+                let t: Vec<Tensor> = qkv.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+                let bias = padding.to_dtype(dtype).unwrap();
+                fused_attention(&t[0], &t[1], &t[2], heads, Some(&bias), None, want_probs)
+                    .unwrap()
+                    .unwrap()
+                    .0
+            };
+            let exact = run(DType::F64, false);
+            let divided = run(DType::F32, false);
+            let normalised = run(DType::F32, true);
+            let d1 = max_abs_diff64(&divided, &exact);
+            let d2 = max_abs_diff64(&normalised, &exact);
+            assert!(d1 < 1e-5 && d2 < 1e-5, "{batch} x {seq}: {d1} / {d2}");
+        }
+    }
+
     #[test]
     fn dropout_only_in_training() {
         let x = Tensor::ones((1000,), DType::F32, &Device::Cpu).unwrap();
