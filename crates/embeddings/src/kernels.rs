@@ -365,8 +365,15 @@ impl LayerNormOp {
     fn forward<T: WithDType + Default>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let dim = w.len();
         let rows = x.len() / dim.max(1);
+        let f32_params = as_f32(w).zip(as_f32(b));
         for_rows(rows, dim, |r, out| {
             let row = &x[r * dim..(r + 1) * dim];
+            if let (Some(row), Some((w, b)), Some(out)) = (as_f32(row), f32_params, as_f32_mut(out))
+            {
+                if crate::vector_math::layer_norm_row(row, w, b, self.eps, out).is_some() {
+                    return;
+                }
+            }
             let (mean, rstd) = row_stats(row, self.eps);
             for (j, o) in out.iter_mut().enumerate() {
                 let normed = (row[j].to_f64() - mean) * rstd;

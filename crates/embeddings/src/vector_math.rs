@@ -56,6 +56,32 @@ pub(crate) fn scale_row(row: &mut [f32], factor: f32) {
     row.iter_mut().for_each(|v| *v *= factor);
 }
 
+/// LayerNorm of one f32 row in f64 arithmetic (the portable `LayerNormOp` computes the same:
+/// mean, then the mean of centred squares, both summed in f64, then
+/// `(x - mean) * rstd * w + b` in f64), written to `out`. `None` where AVX-512 is missing, for
+/// the caller's portable loop. All four slices have the same length.
+pub(crate) fn layer_norm_row(
+    row: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f64,
+    out: &mut [f32],
+) -> Option<()> {
+    let n = row.len();
+    assert!(
+        weight.len() == n && bias.len() == n && out.len() == n,
+        "layer_norm_row: lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() && n > 0 {
+        // SAFETY: AVX-512F is present (checked just above); the lengths agree (asserted).
+        unsafe { avx512::layer_norm_row(row, weight, bias, eps, out) };
+        return Some(());
+    }
+    let _ = eps;
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -140,6 +166,86 @@ mod avx512 {
             at += LANES;
         }
         _mm512_reduce_add_ps(sum)
+    }
+
+    /// See [`super::layer_norm_row`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; all slices are `row.len() > 0` long.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn layer_norm_row(
+        row: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        eps: f64,
+        out: &mut [f32],
+    ) {
+        let len = row.len();
+        let x = row.as_ptr();
+        // Each 16 floats as two f64 halves; four f64 accumulators hide the add latency.
+        let halves = |v: __m512| {
+            (
+                _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(v),
+                ))),
+            )
+        };
+        let mut acc = [_mm512_setzero_pd(); 4];
+        let mut at = 0;
+        let mut step = 0;
+        while at < len {
+            // Missing tail lanes load as 0 and add nothing.
+            let (lo, hi) = halves(_mm512_maskz_loadu_ps(lane_mask(len, at), x.add(at)));
+            acc[step % 2 * 2] = _mm512_add_pd(acc[step % 2 * 2], lo);
+            acc[step % 2 * 2 + 1] = _mm512_add_pd(acc[step % 2 * 2 + 1], hi);
+            at += LANES;
+            step += 1;
+        }
+        let sum = _mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3]));
+        let mean = _mm512_reduce_add_pd(sum) / len as f64;
+        let mean_v = _mm512_set1_pd(mean);
+        let mut acc = [_mm512_setzero_pd(); 4];
+        at = 0;
+        step = 0;
+        while at < len {
+            let m = lane_mask(len, at);
+            let (lo, hi) = halves(_mm512_maskz_loadu_ps(m, x.add(at)));
+            let (c_lo, c_hi) = (_mm512_sub_pd(lo, mean_v), _mm512_sub_pd(hi, mean_v));
+            // Tail lanes would add mean^2: masked out (low 8 lanes, high 8 lanes of `m`).
+            let (m_lo, m_hi) = ((m & 0xff) as __mmask8, (m >> 8) as __mmask8);
+            let (i, j) = (step % 2 * 2, step % 2 * 2 + 1);
+            acc[i] = _mm512_mask_add_pd(acc[i], m_lo, acc[i], _mm512_mul_pd(c_lo, c_lo));
+            acc[j] = _mm512_mask_add_pd(acc[j], m_hi, acc[j], _mm512_mul_pd(c_hi, c_hi));
+            at += LANES;
+            step += 1;
+        }
+        let squares = _mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3]));
+        let variance = _mm512_reduce_add_pd(squares) / len as f64;
+        let rstd = _mm512_set1_pd(1.0 / (variance + eps).sqrt());
+        at = 0;
+        while at < len {
+            let m = lane_mask(len, at);
+            let (lo, hi) = halves(_mm512_maskz_loadu_ps(m, x.add(at)));
+            let (w_lo, w_hi) = halves(_mm512_maskz_loadu_ps(m, weight.as_ptr().add(at)));
+            let (b_lo, b_hi) = halves(_mm512_maskz_loadu_ps(m, bias.as_ptr().add(at)));
+            // As the portable code: normed = (x - mean) * rstd; normed * w + b, no FMA.
+            let y_lo = _mm512_add_pd(
+                _mm512_mul_pd(_mm512_mul_pd(_mm512_sub_pd(lo, mean_v), rstd), w_lo),
+                b_lo,
+            );
+            let y_hi = _mm512_add_pd(
+                _mm512_mul_pd(_mm512_mul_pd(_mm512_sub_pd(hi, mean_v), rstd), w_hi),
+                b_hi,
+            );
+            // Both f32 halves into one register (the f64x4 insert is AVX-512F; f32x8 needs DQ).
+            let y = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(y_lo))),
+                _mm256_castps_pd(_mm512_cvtpd_ps(y_hi)),
+            ));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), m, y);
+            at += LANES;
+        }
     }
 
     /// `row *= factor`.
@@ -257,6 +363,41 @@ mod tests {
         }
         // Two f32 ulp are 2.4e-7 relative.
         assert!(worst < 2.4e-7, "worst relative error {worst}");
+    }
+
+    /// The vector LayerNorm row is the f64 computation rounded to f32 (within an ulp), for
+    /// lengths around the 16-lane width and rows on a large offset (BERT's residual streams).
+    #[test]
+    fn layer_norm_row_matches_f64() {
+        if !available() {
+            return;
+        }
+        let mut seed = 11u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for len in [1usize, 7, 16, 17, 31, 384, 1000] {
+            for offset in [0f32, 300.0] {
+                let row: Vec<f32> = (0..len).map(|_| offset + next() * 4.0).collect();
+                let w: Vec<f32> = (0..len).map(|_| 1.0 + next()).collect();
+                let b: Vec<f32> = (0..len).map(|_| next()).collect();
+                let mut out = vec![0f32; len];
+                layer_norm_row(&row, &w, &b, 1e-12, &mut out).unwrap();
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
+                let rstd = 1.0 / (var + 1e-12).sqrt();
+                for j in 0..len {
+                    let expected = (row[j] as f64 - mean) * rstd * w[j] as f64 + b[j] as f64;
+                    let tolerance = 1.2e-7 * expected.abs().max(1.0);
+                    assert!(
+                        (out[j] as f64 - expected).abs() <= tolerance,
+                        "len {len} offset {offset} [{j}]: {} vs {expected}",
+                        out[j]
+                    );
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
