@@ -936,6 +936,11 @@ impl LinearOp {
                 // SAFETY: chunk c (in bounds) is this task's alone.
                 let chunk =
                     unsafe { std::slice::from_raw_parts_mut(base.get().add(c * CHUNK), len) };
+                if let Some(chunk32) = as_f32_mut(chunk) {
+                    if crate::vector_math::gelu_in_place(chunk32) {
+                        return;
+                    }
+                }
                 with_simd(
                     #[inline(always)]
                     || chunk.iter_mut().for_each(|v| *v = gelu(*v)),
