@@ -74,7 +74,8 @@ impl PanelWeights {
     }
 
     /// `y[rows, out] += x[rows, in] W^T`, both row-major and contiguous. The panels are shared
-    /// out over the threads ([`crate::team::parallel_for`]). Callers check [`Self::available`] first.
+    /// out over the threads ([`crate::team::parallel_for`]). Callers check [`Self::available`]
+    /// first.
     pub(crate) fn multiply_add(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         assert!(
@@ -113,6 +114,7 @@ impl PanelWeights {
                         at: next
                             .cast::<i8>()
                             .wrapping_add((t - 1) * lines_per_tile * 64),
+                        lines: lines_per_tile,
                         lines_per_k,
                     },
                     _ => Prefetch::NONE,
@@ -130,17 +132,19 @@ impl PanelWeights {
     }
 }
 
-/// Cache lines a tile asks for into L2 as it goes: `lines_per_k` lines per step of the `in`
-/// loop, from `at` on (a hint only: addresses past the weights are harmless).
+/// Cache lines a tile asks for into L2 as it goes: `lines` lines from `at` on, `lines_per_k`
+/// per step of the `in` loop (a hint only: addresses past the weights are harmless).
 #[derive(Clone, Copy)]
 struct Prefetch {
     at: *const i8,
+    lines: usize,
     lines_per_k: usize,
 }
 
 impl Prefetch {
     const NONE: Self = Self {
         at: std::ptr::null(),
+        lines: 0,
         lines_per_k: 0,
     };
 }
@@ -199,11 +203,9 @@ unsafe fn tile_avx512<const R: usize>(
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for k in 0..in_dim {
-        for line in 0..prefetch.lines_per_k {
-            let at = prefetch
-                .at
-                .wrapping_add((k * prefetch.lines_per_k + line) * 64);
-            _mm_prefetch::<_MM_HINT_T1>(at);
+        let first = k * prefetch.lines_per_k;
+        for line in first..(first + prefetch.lines_per_k).min(prefetch.lines) {
+            _mm_prefetch::<_MM_HINT_T1>(prefetch.at.wrapping_add(line * 64));
         }
         let w = panel.add(k * PANEL);
         // The panel streams from memory the first time through: ask for it ahead, a cache
