@@ -142,3 +142,26 @@ fn sixty_four_callers_share_one_minilm_embedder_bit_for_bit() {
         assert_eq!(bits(vectors), bits(expected), "caller {caller}");
     }
 }
+
+/// Short passes run their loops on the spinning team when called from outside rayon's pool and
+/// on rayon inside it; both, and a one-thread pool, give the same bits (each output element is
+/// computed by one thread in the same order whichever thread that is).
+#[test]
+fn team_rayon_and_one_thread_passes_agree_bit_for_bit() {
+    let embedder = Embedder::from_files(&minilm_files(), &cpu()).unwrap();
+    let texts = [
+        "A man is playing a guitar.",
+        "Someone is playing an instrument, loudly, in the street outside.",
+        "A woman is slicing onions.",
+    ];
+    let bits = |v: Vec<Vec<f32>>| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+    let on_team = bits(embedder.embed(&texts).unwrap());
+    for threads in [2, 1] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let in_pool = bits(pool.install(|| embedder.embed(&texts).unwrap()));
+        assert_eq!(in_pool, on_team, "{threads}-thread pool");
+    }
+}
