@@ -8,8 +8,9 @@
 //! share of every loop itself. Work is split statically, in contiguous blocks (every loop here
 //! has equal-sized items), so each thread walks its own address range front to back.
 //!
-//! Passes opt in with [`with_team`]; every other caller, and a second thread asking while the
-//! team is busy, gets rayon (or, when nested inside a team loop, a plain serial loop).
+//! Passes opt in with [`with_team`]; every other caller gets rayon. A second thread asking
+//! while the team is busy, or a loop nested inside a team loop, runs serially on its own thread
+//! (waking rayon's threads would only add more runnable threads than cores).
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -27,9 +28,9 @@ thread_local! {
 }
 
 /// Whether an inference pass of `tokens` rows in `dtype` suits [`with_team`]: f32 passes of
-/// at most `panel_gemm::MAX_ROWS` tokens on an AVX-512 CPU run every product on the panel
-/// kernel, whose loops are the team's; longer or half-precision passes run the general GEMM,
-/// which threads itself over rayon.
+/// at most `panel_gemm::MAX_ROWS` tokens on an AVX-512 CPU run every product of a loaded
+/// model (its weights packed at load) on the panel kernel, whose loops are the team's; longer
+/// or half-precision passes run the general GEMM, which threads itself over rayon.
 pub fn suits(tokens: usize, dtype: candle_core::DType) -> bool {
     dtype == candle_core::DType::F32
         && tokens <= crate::panel_gemm::MAX_ROWS
