@@ -29,6 +29,18 @@ pub(crate) trait Real:
     fn saved(saved: &SavedProbs) -> Option<&[Self]>;
 }
 
+/// Abramowitz & Stegun 7.1.26: `erf(x) = 1 - t (a1 + t (a2 + ...)) e^(-x^2)` with
+/// `t = 1 / (1 + p x)`, `x >= 0`; shared by the portable and the AVX-512 GELU.
+pub(crate) const ERF_P: f32 = 0.327_591_1;
+/// The coefficients `a1..a5` of [`ERF_P`]'s formula.
+pub(crate) const ERF_A: [f32; 5] = [
+    0.254_829_6,
+    -0.284_496_74,
+    1.421_413_7,
+    -1.453_152,
+    1.061_405_4,
+];
+
 impl Real for f32 {
     fn save(probs: Vec<Self>) -> SavedProbs {
         SavedProbs::F32(probs)
@@ -46,14 +58,8 @@ impl Real for f32 {
     /// at 5% of a training step.
     #[inline(always)]
     fn erf(self) -> Self {
-        const P: f32 = 0.327_591_1;
-        const A: [f32; 5] = [
-            0.254_829_6,
-            -0.284_496_74,
-            1.421_413_7,
-            -1.453_152,
-            1.061_405_4,
-        ];
+        const P: f32 = ERF_P;
+        const A: [f32; 5] = ERF_A;
         let x = self.abs();
         let t = 1.0 / (1.0 + P * x);
         let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));

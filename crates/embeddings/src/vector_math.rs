@@ -268,14 +268,7 @@ mod avx512 {
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gelu_in_place(values: &mut [f32]) {
-        const P: f32 = 0.327_591_1;
-        const A: [f32; 5] = [
-            0.254_829_6,
-            -0.284_496_74,
-            1.421_413_7,
-            -1.453_152,
-            1.061_405_4,
-        ];
+        use crate::kernels::{ERF_A as A, ERF_P as P};
         let set = _mm512_set1_ps;
         let sign = _mm512_set1_epi32(i32::MIN);
         let len = values.len();
