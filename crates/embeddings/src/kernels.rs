@@ -29,6 +29,26 @@ pub(crate) trait Real:
     fn saved(saved: &SavedProbs) -> Option<&[Self]>;
 }
 
+/// Cephes' `expf` (the portable `exp_fast` and the AVX-512 `exp` share these): arguments
+/// are clamped to `[EXP_LO, EXP_HI]`, reduced by `n ln 2` in two parts (`EXP_LN2_HI` exact in
+/// few bits, `EXP_LN2_LO` the rest), and `e^r = 1 + r + r^2 (c0 r^5 + ... + c5)`.
+pub(crate) const EXP_HI: f32 = 88.376_26;
+/// See [`EXP_HI`].
+pub(crate) const EXP_LO: f32 = -87.336_55;
+/// See [`EXP_HI`].
+pub(crate) const EXP_LN2_HI: f32 = 0.693_359_4;
+/// See [`EXP_HI`].
+pub(crate) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// See [`EXP_HI`]: the polynomial's coefficients, highest degree first.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// Abramowitz & Stegun 7.1.26: `erf(x) = 1 - t (a1 + t (a2 + ...)) e^(-x^2)` with
 /// `t = 1 / (1 + p x)`, `x >= 0`; shared by the portable and the AVX-512 GELU.
 pub(crate) const ERF_P: f32 = 0.327_591_1;
@@ -74,20 +94,15 @@ impl Real for f32 {
     /// -87.337 zero; the kernels only take it of arguments <= 0.
     #[inline(always)]
     fn exp_fast(self) -> Self {
-        const HI: f32 = 88.376_26;
-        const LO: f32 = -87.336_55;
+        const HI: f32 = EXP_HI;
+        const LO: f32 = EXP_LO;
+        const C: [f32; 6] = EXP_POLY;
         // Rounds to nearest: adding 1.5 * 2^23 pushes the fraction bits out.
         const ROUND: f32 = 12_582_912.0;
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
         let x = self.clamp(LO, HI);
         let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-        let r = (x - n * LN2_HI) - n * LN2_LO;
-        let poly =
-            ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-                + 0.166_666_65)
-                * r
-                + 0.5;
+        let r = (x - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+        let poly = ((((C[0] * r + C[1]) * r + C[2]) * r + C[3]) * r + C[4]) * r + C[5];
         let e = poly * r * r + r + 1.0;
         // 2^n from bits, n in [-126, 127] after the clamp (a normal power of two): n + 127 is
         // exact in the low mantissa bits of n + 127 + 1.5 * 2^23, and moves to the exponent

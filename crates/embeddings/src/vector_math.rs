@@ -120,23 +120,19 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn exp(x: __m512) -> __m512 {
-        const HI: f32 = 88.376_26;
-        const LO: f32 = -87.336_55;
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
+        use crate::kernels::{EXP_HI as HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO as LO, EXP_POLY as C};
         let set = _mm512_set1_ps;
         // `clamp`, NaN kept: vmaxps / vminps return their second operand when either is NaN.
         let clamped = _mm512_min_ps(set(HI), _mm512_max_ps(set(LO), x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(clamped, set(std::f32::consts::LOG2_E)),
         );
-        let r = _mm512_fnmadd_ps(n, set(LN2_HI), clamped);
-        let r = _mm512_fnmadd_ps(n, set(LN2_LO), r);
-        let mut poly = _mm512_fmadd_ps(set(1.987_569_1e-4), r, set(1.398_199_9e-3));
-        poly = _mm512_fmadd_ps(poly, r, set(8.333_452e-3));
-        poly = _mm512_fmadd_ps(poly, r, set(4.166_579_6e-2));
-        poly = _mm512_fmadd_ps(poly, r, set(0.166_666_65));
-        poly = _mm512_fmadd_ps(poly, r, set(0.5));
+        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_HI), clamped);
+        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_LO), r);
+        let mut poly = _mm512_fmadd_ps(set(C[0]), r, set(C[1]));
+        for &c in &C[2..] {
+            poly = _mm512_fmadd_ps(poly, r, set(c));
+        }
         let e = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), set(1.0));
         let y = _mm512_scalef_ps(e, n);
         let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(LO));
