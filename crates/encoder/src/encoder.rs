@@ -111,9 +111,10 @@ impl BertEncoder {
         // thread of rayon's pool, which the kernels' parallel loops then share. Run from the
         // caller's own thread, the caller and every pool thread were runnable at once (3
         // threads on 2 cores): the pool spun for work while the caller ran the serial steps
-        // between kernels (1 x 16: ~15% of the pass, before the team). Long passes gained nothing measurable and, allocating their large outputs in
-        // the pool thread's malloc arena, peaked 40-90 MB higher. Training stays on the
-        // caller's thread, whose seeded dropout stream is thread-local.
+        // between kernels (1 x 16: ~15% of the pass, before the team). Long passes gained
+        // nothing measurable and, allocating their large outputs in the pool thread's malloc
+        // arena, peaked 40-90 MB higher. Training stays on the caller's thread, whose seeded
+        // dropout stream is thread-local.
         if !options.train
             && batch * seq <= ON_POOL_MAX_TOKENS
             && hidden_states.device().is_cpu()
