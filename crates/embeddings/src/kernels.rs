@@ -338,12 +338,7 @@ fn rows_init<T: Send + Sync + Copy + Default>(
     };
     let spare = &mut out.spare_capacity_mut()[..n];
     if n >= parallel_from {
-        let base = SharedMut(spare.as_mut_ptr());
-        crate::team::parallel_for(rows, |r| {
-            // SAFETY: row r (in bounds: r < rows) is this task's alone.
-            let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(r * dim), dim) };
-            init((r, row));
-        });
+        crate::team::parallel_chunks_mut(spare, dim, |r, row| init((r, row)));
     } else {
         spare.chunks_mut(dim).enumerate().for_each(init);
     }
@@ -694,13 +689,7 @@ fn map_elements<T: Copy + Send + Sync, U: Copy + Sync>(
     };
     let spare = &mut out.spare_capacity_mut()[..n];
     if n >= PARALLEL_MIN_ELEMENTS {
-        let base = SharedMut(spare.as_mut_ptr());
-        crate::team::parallel_for(n.div_ceil(CHUNK), |c| {
-            let len = CHUNK.min(n - c * CHUNK);
-            // SAFETY: chunk c (in bounds) is this task's alone.
-            let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(c * CHUNK), len) };
-            map_chunk((c, chunk));
-        });
+        crate::team::parallel_chunks_mut(spare, CHUNK, |c, chunk| map_chunk((c, chunk)));
     } else {
         spare.chunks_mut(CHUNK).enumerate().for_each(map_chunk);
     }
@@ -949,14 +938,7 @@ impl LinearOp {
     fn finish<T: Real + Default + 'static>(&self, y: &mut [T]) {
         if self.gelu {
             // While the GEMM's output is still in cache, chunk by chunk.
-            const CHUNK: usize = 1 << 12;
-            let n = y.len();
-            let base = SharedMut(y.as_mut_ptr());
-            crate::team::parallel_for(n.div_ceil(CHUNK), |c| {
-                let len = CHUNK.min(n - c * CHUNK);
-                // SAFETY: chunk c (in bounds) is this task's alone.
-                let chunk =
-                    unsafe { std::slice::from_raw_parts_mut(base.get().add(c * CHUNK), len) };
+            crate::team::parallel_chunks_mut(y, 1 << 12, |_, chunk| {
                 if let Some(chunk32) = as_f32_mut(chunk) {
                     if crate::vector_math::gelu_in_place(chunk32) {
                         return;
@@ -1209,16 +1191,17 @@ impl SavedAttention {
     }
 }
 
-/// A pointer that rayon tasks may share because each writes a disjoint region.
+/// A pointer that parallel tasks may share because each writes a disjoint region.
 #[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: used only for disjoint per-task regions of one buffer (see AttentionOp).
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: used only for disjoint per-task regions of one buffer (see AttentionOp,
+// `team::parallel_chunks_mut`, the panel product).
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    fn get(&self) -> *mut T {
+    pub(crate) fn get(&self) -> *mut T {
         self.0
     }
 }

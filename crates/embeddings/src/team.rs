@@ -98,6 +98,26 @@ pub(crate) fn parallel_for_init<S>(
         .for_each_init(init, |state, i| f(state, i));
 }
 
+/// `f(index, chunk)` for the consecutive `chunk_len`-element chunks of `data` (the last one
+/// shorter), in parallel as [`parallel_for`]: a `par_chunks_mut` that also runs on the team.
+pub(crate) fn parallel_chunks_mut<T: Send>(
+    data: &mut [T],
+    chunk_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    let (len, chunk_len) = (data.len(), chunk_len.max(1));
+    let base = crate::kernels::SharedMut(data.as_mut_ptr());
+    parallel_for(len.div_ceil(chunk_len), |c| {
+        let start = c * chunk_len;
+        // SAFETY: chunk c lies inside `data` (start < len) and no other index touches it;
+        // `data` stays mutably borrowed until every chunk is done.
+        let chunk = unsafe {
+            std::slice::from_raw_parts_mut(base.get().add(start), chunk_len.min(len - start))
+        };
+        f(c, chunk);
+    });
+}
+
 /// The work a loop hands every member: `(member, members)`.
 type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
@@ -281,6 +301,29 @@ mod tests {
                     hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
                     "team {use_team}, count {count}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_data_once_in_place() {
+        for use_team in [false, true] {
+            for (len, chunk) in [(0usize, 4usize), (1, 4), (10, 4), (12, 4), (1000, 7)] {
+                let mut data = vec![0usize; len];
+                let mut body = || {
+                    parallel_chunks_mut(&mut data, chunk, |c, part| {
+                        for (j, v) in part.iter_mut().enumerate() {
+                            *v += c * chunk + j + 1;
+                        }
+                    })
+                };
+                if use_team {
+                    with_team(body);
+                } else {
+                    body();
+                }
+                let expected: Vec<usize> = (1..=len).collect();
+                assert_eq!(data, expected, "team {use_team}, {len} by {chunk}");
             }
         }
     }
