@@ -173,11 +173,18 @@ impl Linear {
 
     /// The layout half of [`Linear::use_inference_layout`], without the panels.
     pub fn store_transposed(&mut self) -> Result<()> {
-        let layout = crate::kernels::WeightLayout::of(self.weight.layout());
-        if !matches!(layout, Some((crate::kernels::WeightLayout::InByOut, _))) {
+        if !self.is_stored_transposed() {
             self.weight = self.weight.detach().t()?.contiguous()?.t()?;
         }
         Ok(())
+    }
+
+    /// Whether the weight is stored `[in, out]` (as [`Linear::store_transposed`] leaves it).
+    fn is_stored_transposed(&self) -> bool {
+        matches!(
+            crate::kernels::WeightLayout::of(self.weight.layout()),
+            Some((crate::kernels::WeightLayout::InByOut, _))
+        )
     }
 
     /// The panel half of [`Linear::use_inference_layout`]: packs an f32 weight stored
@@ -186,11 +193,7 @@ impl Linear {
     /// unpacked: inference multiplies by the block, so its panels would go unused.
     pub fn pack_for_small_batches(&mut self) -> Result<()> {
         let (out_dim, in_dim) = self.weight.dims2()?;
-        let stored = matches!(
-            crate::kernels::WeightLayout::of(self.weight.layout()),
-            Some((crate::kernels::WeightLayout::InByOut, _))
-        );
-        let packable = stored
+        let packable = self.is_stored_transposed()
             && self.weight.device().is_cpu()
             && self.weight.dtype() == DType::F32
             && crate::panel_gemm::PanelWeights::available();

@@ -84,8 +84,7 @@ impl PanelWeights {
             x.len(),
             y.len()
         );
-        let out = SharedOut(y.as_mut_ptr());
-        let out = &out;
+        let out = crate::kernels::SharedMut(y.as_mut_ptr());
         let panel_len = in_dim * PANEL;
         let all = &self.panels;
         let tiles = rows.div_ceil(TILE_ROWS);
@@ -124,7 +123,7 @@ impl PanelWeights {
                 // columns first..first + width of rows r0..r0 + tile.
                 unsafe {
                     let x = x.as_ptr().add(r0 * in_dim);
-                    let y = out.0.add(r0 * out_dim + first);
+                    let y = out.get().add(r0 * out_dim + first);
                     tile_rows(tile, x, in_dim, panel.as_ptr(), y, out_dim, width, prefetch);
                 }
             }
@@ -148,11 +147,6 @@ impl Prefetch {
         lines_per_k: 0,
     };
 }
-
-/// The output pointer, shared by tasks that write disjoint columns.
-struct SharedOut(*mut f32);
-// SAFETY: every task writes its own column range (see `multiply_add`).
-unsafe impl Sync for SharedOut {}
 
 /// Dispatches a tile of `tile` (1..=6) rows to the kernel compiled for that count.
 ///
