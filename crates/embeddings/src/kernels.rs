@@ -301,35 +301,38 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::R
     }
 }
 
-/// Runs `f(row_index, input_rows..., out_row)` over rows of `dim`, in parallel when large.
+/// Runs `f(row_index, input_rows..., out_row)` over rows of `dim` (each zeroed first), in
+/// parallel when large.
 fn for_rows<T: Send + Sync + Copy + Default>(
     rows: usize,
     dim: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) -> Vec<T> {
-    rows_init(rows, dim, PARALLEL_MIN_ELEMENTS, f)
+    rows_init(rows, PARALLEL_MIN_ELEMENTS, &vec![T::default(); dim], f)
 }
 
-/// `rows` rows of `dim` elements, each handed to `f(row_index, row)` right after it is filled
-/// with `T::default()`, on the thread that then writes it and while it is in L1: no serial
-/// fill of the whole buffer first (a 25 MB output filled on the calling thread kept the other
-/// core idle for ~1 ms). In parallel from `parallel_from` elements.
-fn rows_init<T: Send + Sync + Copy + Default>(
+/// `rows` rows of `start.len()` elements, each handed to `f(row_index, row)` right after it
+/// is set to a copy of `start` (a `memcpy`), on the thread that then writes it and while it is in L1: no
+/// serial fill of the whole buffer first (a 25 MB output filled on the calling thread kept
+/// the other core idle for ~1 ms), and no zeroing of rows that start from something else (a
+/// linear layer's bias). In parallel from `parallel_from` elements.
+fn rows_init<T: Send + Sync + Copy>(
     rows: usize,
-    dim: usize,
     parallel_from: usize,
+    start: &[T],
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) -> Vec<T> {
+    let dim = start.len();
     let n = rows * dim;
     let mut out: Vec<T> = Vec::with_capacity(n);
     if n == 0 {
         return out;
     }
     let init = |(r, row): (usize, &mut [std::mem::MaybeUninit<T>])| {
-        for v in row.iter_mut() {
-            v.write(T::default());
+        for (v, &x) in row.iter_mut().zip(start) {
+            v.write(x);
         }
-        // SAFETY: every element of `row` was written just above.
+        // SAFETY: every element of `row` (as long as `start`) was written just above.
         let row = unsafe { &mut *(row as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
         with_simd(
             #[inline(always)]
@@ -876,7 +879,6 @@ impl LinearOp {
     ) -> Vec<T> {
         // The GEMM accumulates onto `bias (+ residual)`.
         let fill = |r: usize, row: &mut [T]| {
-            row.copy_from_slice(b);
             if let Some(residual) = residual {
                 let residual = &residual[r * out_dim..(r + 1) * out_dim];
                 row.iter_mut().zip(residual).for_each(|(y, &x)| *y += x);
@@ -888,7 +890,7 @@ impl LinearOp {
             WeightLayout::InByOut => (1, out_dim as isize),
         };
         let threads = candle_core::utils::get_num_threads();
-        let mut y = rows_init(rows, out_dim, 1 << 16, fill);
+        let mut y = rows_init(rows, 1 << 16, b, fill);
         if let Some(panels) = self
             .panels
             .as_deref()

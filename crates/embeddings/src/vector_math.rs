@@ -141,6 +141,36 @@ mod avx512 {
         _mm512_mask_mov_ps(y, above, set(f32::INFINITY))
     }
 
+    /// [`exp`] for `x <= 0` (and -inf and NaN), as the softmax's `x - max` always is: the same
+    /// polynomial, within 2 ulp of `e^x` likewise (tested), without the overflow clamp and its
+    /// mask, the rounding of `n` by a shifter, and the underflow to exactly 0 folded into the
+    /// `vscalefps` as a zero mask: 14 vector operations instead of 19.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_nonpositive(x: __m512) -> __m512 {
+        use crate::kernels::{EXP_LN2_HI, EXP_LN2_LO, EXP_LO as LO, EXP_POLY as C};
+        let set = _mm512_set1_ps;
+        // NaN kept: vmaxps returns its second operand when either is NaN.
+        let clamped = _mm512_max_ps(set(LO), x);
+        // n = round(x log2 e) by the 1.5 * 2^23 shifter: one multiply-add and a subtract
+        // instead of a multiply and the two-uop `vrndscaleps`.
+        let shifter = set(12_582_912.0);
+        let n = _mm512_sub_ps(
+            _mm512_fmadd_ps(clamped, set(std::f32::consts::LOG2_E), shifter),
+            shifter,
+        );
+        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_HI), clamped);
+        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_LO), r);
+        let mut poly = _mm512_fmadd_ps(set(C[0]), r, set(C[1]));
+        for &c in &C[2..] {
+            poly = _mm512_fmadd_ps(poly, r, set(c));
+        }
+        let e = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), set(1.0));
+        // Lanes at or above LO, or NaN (unordered), keep their value; the rest become 0.
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(LO));
+        _mm512_maskz_scalef_ps(keep, e, n)
+    }
+
     /// See [`super::scaled_exp_row`].
     ///
     /// # Safety
@@ -151,31 +181,66 @@ mod avx512 {
         let p = row.as_mut_ptr();
         let scale_v = _mm512_set1_ps(scale);
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-        // Scores, and their running maximum (missing tail lanes read as -inf).
-        let mut max = neg_inf;
-        let mut at = 0;
-        while at < len {
-            let m = lane_mask(len, at);
-            let mut s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(at)), scale_v);
-            if let Some(bias) = bias {
-                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(m, bias.as_ptr().add(at)));
+        // `row * scale + bias` of the 16 lanes at `at`, `row * scale - max` without a bias:
+        // one fused multiply-add (missing tail lanes read 0 and are masked out below).
+        let shifted = |at: usize, m: __mmask16, addend: __m512| {
+            let s = _mm512_maskz_loadu_ps(m, p.add(at));
+            match bias {
+                Some(bias) => {
+                    _mm512_fmadd_ps(s, scale_v, _mm512_maskz_loadu_ps(m, bias.as_ptr().add(at)))
+                }
+                None => _mm512_fmadd_ps(s, scale_v, addend),
             }
-            _mm512_mask_storeu_ps(p.add(at), m, s);
-            // A NaN score makes the row NaN through `v - max` below, as in the portable code.
-            max = _mm512_mask_max_ps(max, m, max, s);
-            at += LANES;
+        };
+        // The maximum score, in two accumulators (each `vmaxps` waits for the one before it
+        // on the same accumulator), nothing stored: the exponent pass recomputes the scores.
+        // Without a bias the maximum of `row` is taken and scaled (`scale > 0`). A NaN score
+        // makes the row NaN through `v - max` below, as in the portable code.
+        let zero = _mm512_setzero_ps();
+        let (mut max0, mut max1) = (neg_inf, neg_inf);
+        let mut at = 0;
+        let raw = |at: usize, m: __mmask16| match bias {
+            Some(_) => shifted(at, m, zero),
+            None => _mm512_maskz_loadu_ps(m, p.add(at)),
+        };
+        while at + 2 * LANES <= len {
+            max0 = _mm512_max_ps(max0, raw(at, 0xffff));
+            max1 = _mm512_max_ps(max1, raw(at + LANES, 0xffff));
+            at += 2 * LANES;
         }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
-        let mut sum = _mm512_setzero_ps();
-        at = 0;
         while at < len {
             let m = lane_mask(len, at);
-            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(at)), max));
-            _mm512_mask_storeu_ps(p.add(at), m, e);
-            sum = _mm512_mask_add_ps(sum, m, sum, e);
+            max0 = _mm512_mask_max_ps(max0, m, max0, raw(at, m));
             at += LANES;
         }
-        _mm512_reduce_add_ps(sum)
+        let mut max = _mm512_reduce_max_ps(_mm512_max_ps(max0, max1));
+        if bias.is_none() {
+            max *= scale;
+        }
+        let max = _mm512_set1_ps(max);
+        let neg_max = _mm512_sub_ps(zero, max);
+        let exponent = |at: usize, m: __mmask16| match bias {
+            Some(_) => exp_nonpositive(_mm512_sub_ps(shifted(at, m, zero), max)),
+            None => exp_nonpositive(shifted(at, m, neg_max)),
+        };
+        let (mut sum0, mut sum1) = (zero, zero);
+        at = 0;
+        while at + 2 * LANES <= len {
+            let (e0, e1) = (exponent(at, 0xffff), exponent(at + LANES, 0xffff));
+            _mm512_storeu_ps(p.add(at), e0);
+            _mm512_storeu_ps(p.add(at + LANES), e1);
+            sum0 = _mm512_add_ps(sum0, e0);
+            sum1 = _mm512_add_ps(sum1, e1);
+            at += 2 * LANES;
+        }
+        while at < len {
+            let m = lane_mask(len, at);
+            let e = exponent(at, m);
+            _mm512_mask_storeu_ps(p.add(at), m, e);
+            sum0 = _mm512_mask_add_ps(sum0, m, sum0, e);
+            at += LANES;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1))
     }
 
     /// See [`super::layer_norm_row`].
@@ -363,7 +428,8 @@ mod tests {
     }
 
     /// The vector `exp` is within 2 ulp of `e^x` (as the portable `exp_fast` is) over the
-    /// whole range, and gives exactly 0, infinity and NaN where that does.
+    /// whole range, and gives exactly 0, infinity and NaN where that does; so does the
+    /// softmax's `exp_nonpositive` over `x <= 0`.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_exp_is_within_two_ulp_and_keeps_the_edges() {
@@ -391,14 +457,32 @@ mod tests {
         for chunk in xs.chunks(16) {
             let mut lanes = [0f32; 16];
             lanes[..chunk.len()].copy_from_slice(chunk);
-            let mut out = [0f32; 16];
+            let (mut out, mut nonpositive) = ([0f32; 16], [0f32; 16]);
             // SAFETY: AVX-512F is present (checked above); 16-lane arrays.
             unsafe {
                 use std::arch::x86_64::*;
+                let x = _mm512_loadu_ps(lanes.as_ptr());
+                _mm512_storeu_ps(out.as_mut_ptr(), avx512_exp_for_tests(x));
                 _mm512_storeu_ps(
-                    out.as_mut_ptr(),
-                    avx512_exp_for_tests(_mm512_loadu_ps(lanes.as_ptr())),
+                    nonpositive.as_mut_ptr(),
+                    avx512_exp_nonpositive_for_tests(x),
                 );
+            }
+            // The softmax's exponential agrees wherever it is used: x <= 0 and NaN.
+            let used = chunk
+                .iter()
+                .zip(nonpositive)
+                .filter(|(x, _)| x.is_nan() || **x <= 0.0);
+            for (&x, y_nonpositive) in used {
+                let portable = x.exp_fast();
+                if x.is_nan() {
+                    assert!(y_nonpositive.is_nan(), "exp(NaN): {y_nonpositive}");
+                } else if portable == 0.0 {
+                    assert_eq!(y_nonpositive, 0.0, "exp({x}) at the edge");
+                } else {
+                    let exact = (x as f64).exp();
+                    worst = worst.max(((y_nonpositive as f64 - exact) / exact).abs());
+                }
             }
             for (&x, y) in chunk.iter().zip(out) {
                 let portable = x.exp_fast();
@@ -494,5 +578,13 @@ mod tests {
     #[target_feature(enable = "avx512f")]
     unsafe fn avx512_exp_for_tests(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
         avx512::exp(x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_exp_nonpositive_for_tests(
+        x: std::arch::x86_64::__m512,
+    ) -> std::arch::x86_64::__m512 {
+        avx512::exp_nonpositive(x)
     }
 }
