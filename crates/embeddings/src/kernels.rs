@@ -312,7 +312,7 @@ fn for_rows<T: Send + Sync + Copy + Default>(
 }
 
 /// `rows` rows of `start.len()` elements, each handed to `f(row_index, row)` right after it
-/// is set to a copy of `start` (a `memcpy`), on the thread that then writes it and while it is in L1: no
+/// is set to a copy of `start`, on the thread that then writes it and while it is in L1: no
 /// serial fill of the whole buffer first (a 25 MB output filled on the calling thread kept
 /// the other core idle for ~1 ms), and no zeroing of rows that start from something else (a
 /// linear layer's bias). In parallel from `parallel_from` elements.
@@ -953,8 +953,7 @@ impl LinearOp {
     /// the product, in place.
     fn finish<T: Real + Default + 'static>(&self, y: &mut [T], bias: Option<&[T]>) {
         if self.gelu {
-            // While the GEMM's output is still in cache, chunk by chunk (whole rows when a
-            // bias is added).
+            // Chunk by chunk in parallel (whole rows when a bias is added).
             let chunk = match bias {
                 Some(b) if !b.is_empty() => b.len() * (1usize << 12).div_ceil(b.len()),
                 _ => 1 << 12,
