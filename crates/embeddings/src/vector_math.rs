@@ -113,6 +113,22 @@ mod avx512 {
         }
     }
 
+    /// `e^r` for `r = x - n ln 2` (`n` the rounded `x log2 e`), by Cephes' polynomial: the
+    /// range reduction (`ln 2` in two parts) and the polynomial in fused multiply-adds.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp_of_remainder(x: __m512, n: __m512) -> __m512 {
+        use crate::kernels::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY as C};
+        let set = _mm512_set1_ps;
+        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_LO), r);
+        let mut poly = _mm512_fmadd_ps(set(C[0]), r, set(C[1]));
+        for &c in &C[2..] {
+            poly = _mm512_fmadd_ps(poly, r, set(c));
+        }
+        _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), set(1.0))
+    }
+
     /// `e^x` per lane: Cephes' `expf` (the algorithm and constants of the portable
     /// `<f32 as Real>::exp_fast`) with its polynomial and range reduction in fused
     /// multiply-adds, 2^n by `vscalefps`: about half the operations of the separate multiplies
@@ -120,20 +136,14 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn exp(x: __m512) -> __m512 {
-        use crate::kernels::{EXP_HI as HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO as LO, EXP_POLY as C};
+        use crate::kernels::{EXP_HI as HI, EXP_LO as LO};
         let set = _mm512_set1_ps;
         // `clamp`, NaN kept: vmaxps / vminps return their second operand when either is NaN.
         let clamped = _mm512_min_ps(set(HI), _mm512_max_ps(set(LO), x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(clamped, set(std::f32::consts::LOG2_E)),
         );
-        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_HI), clamped);
-        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_LO), r);
-        let mut poly = _mm512_fmadd_ps(set(C[0]), r, set(C[1]));
-        for &c in &C[2..] {
-            poly = _mm512_fmadd_ps(poly, r, set(c));
-        }
-        let e = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), set(1.0));
+        let e = exp_of_remainder(clamped, n);
         let y = _mm512_scalef_ps(e, n);
         let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(LO));
         let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, set(HI));
@@ -148,7 +158,7 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn exp_nonpositive(x: __m512) -> __m512 {
-        use crate::kernels::{EXP_LN2_HI, EXP_LN2_LO, EXP_LO as LO, EXP_POLY as C};
+        use crate::kernels::EXP_LO as LO;
         let set = _mm512_set1_ps;
         // NaN kept: vmaxps returns its second operand when either is NaN.
         let clamped = _mm512_max_ps(set(LO), x);
@@ -159,13 +169,7 @@ mod avx512 {
             _mm512_fmadd_ps(clamped, set(std::f32::consts::LOG2_E), shifter),
             shifter,
         );
-        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_HI), clamped);
-        let r = _mm512_fnmadd_ps(n, set(EXP_LN2_LO), r);
-        let mut poly = _mm512_fmadd_ps(set(C[0]), r, set(C[1]));
-        for &c in &C[2..] {
-            poly = _mm512_fmadd_ps(poly, r, set(c));
-        }
-        let e = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), set(1.0));
+        let e = exp_of_remainder(clamped, n);
         // Lanes at or above LO, or NaN (unordered), keep their value; the rest become 0.
         let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(LO));
         _mm512_maskz_scalef_ps(keep, e, n)
