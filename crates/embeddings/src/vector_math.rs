@@ -185,8 +185,9 @@ mod avx512 {
         let p = row.as_mut_ptr();
         let scale_v = _mm512_set1_ps(scale);
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-        // `row * scale + bias` of the 16 lanes at `at`, `row * scale - max` without a bias:
-        // one fused multiply-add (missing tail lanes read 0 and are masked out below).
+        // `row * scale + bias` (or `+ addend` without a bias: 0, or `-max` in the exponent
+        // pass) of the 16 lanes at `at`, in one fused multiply-add (missing tail lanes read 0
+        // and are masked out below).
         let shifted = |at: usize, m: __mmask16, addend: __m512| {
             let s = _mm512_maskz_loadu_ps(m, p.add(at));
             match bias {
@@ -198,14 +199,19 @@ mod avx512 {
         };
         // The maximum score, in two accumulators (each `vmaxps` waits for the one before it
         // on the same accumulator), nothing stored: the exponent pass recomputes the scores.
-        // Without a bias the maximum of `row` is taken and scaled (`scale > 0`). A NaN score
-        // makes the row NaN through `v - max` below, as in the portable code.
+        // Without a bias and with `scale > 0` (the attention's) the maximum of `row` is taken
+        // and scaled. A NaN score makes the row NaN through `v - max` below, as in the
+        // portable code.
         let zero = _mm512_setzero_ps();
+        let unbiased = bias.is_none() && scale > 0.0;
         let (mut max0, mut max1) = (neg_inf, neg_inf);
         let mut at = 0;
-        let raw = |at: usize, m: __mmask16| match bias {
-            Some(_) => shifted(at, m, zero),
-            None => _mm512_maskz_loadu_ps(m, p.add(at)),
+        let raw = |at: usize, m: __mmask16| {
+            if unbiased {
+                _mm512_maskz_loadu_ps(m, p.add(at))
+            } else {
+                shifted(at, m, zero)
+            }
         };
         while at + 2 * LANES <= len {
             max0 = _mm512_max_ps(max0, raw(at, 0xffff));
@@ -218,14 +224,17 @@ mod avx512 {
             at += LANES;
         }
         let mut max = _mm512_reduce_max_ps(_mm512_max_ps(max0, max1));
-        if bias.is_none() {
+        if unbiased {
             max *= scale;
         }
         let max = _mm512_set1_ps(max);
         let neg_max = _mm512_sub_ps(zero, max);
-        let exponent = |at: usize, m: __mmask16| match bias {
-            Some(_) => exp_nonpositive(_mm512_sub_ps(shifted(at, m, zero), max)),
-            None => exp_nonpositive(shifted(at, m, neg_max)),
+        let exponent = |at: usize, m: __mmask16| {
+            if unbiased {
+                exp_nonpositive(shifted(at, m, neg_max))
+            } else {
+                exp_nonpositive(_mm512_sub_ps(shifted(at, m, zero), max))
+            }
         };
         let (mut sum0, mut sum1) = (zero, zero);
         at = 0;
@@ -392,8 +401,8 @@ mod tests {
     use super::*;
 
     /// The intrinsics give the portable softmax's values (within the rounding of the row sum)
-    /// for row lengths around the 16-lane width, with and without a bias, with masked (-inf
-    /// and large negative) scores, and keep NaN rows NaN.
+    /// for row lengths around the 16-lane width, with and without a bias, with a positive and a
+    /// negative scale, with masked (-inf and large negative) scores, and keep NaN rows NaN.
     #[test]
     fn scaled_softmax_matches_the_portable_code() {
         let mut seed = 7u32;
@@ -401,8 +410,11 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 * 20.0 - 10.0
         };
+        // The attention's positive scale, and a negative one (its maximum is not the scaled
+        // maximum of the row).
+        let cases = [(0.125f32, false), (0.125, true), (-0.5, false)];
         for len in [1usize, 2, 15, 16, 17, 31, 32, 33, 128, 129, 512] {
-            for with_bias in [false, true] {
+            for (scale, with_bias) in cases {
                 let scores: Vec<f32> = (0..len).map(|_| next()).collect();
                 let bias: Vec<f32> = (0..len)
                     .map(|j| match j % 5 {
@@ -413,13 +425,13 @@ mod tests {
                     .collect();
                 let bias = with_bias.then_some(&bias[..]);
                 let mut expected = scores.clone();
-                crate::kernels::scaled_softmax_in_place(&mut expected, 0.125, bias);
+                crate::kernels::scaled_softmax_in_place(&mut expected, scale, bias);
                 let mut got = scores.clone();
-                scaled_softmax(&mut got, 0.125, bias);
+                scaled_softmax(&mut got, scale, bias);
                 for (j, (g, e)) in got.iter().zip(&expected).enumerate() {
                     assert!(
                         (g - e).abs() <= 1e-6 * e.abs().max(1e-30) + 1e-37,
-                        "len {len} bias {with_bias} [{j}]: {g} vs {e}"
+                        "len {len} scale {scale} bias {with_bias} [{j}]: {g} vs {e}"
                     );
                 }
                 let total: f32 = got.iter().sum();
