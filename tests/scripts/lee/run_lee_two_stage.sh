@@ -10,6 +10,7 @@
 # Usage: tests/scripts/lee/run_lee_two_stage.sh OUT_DIR [PYTHON]
 # Recipe: DISTILL_PAIRS (5000), STAGE1_EPOCHS (1), STAGE1_LR (8e-5); stage 2: EPOCHS (2), LR (2e-5);
 # both: BATCH (16), SEED (42), MAX_LENGTH (256). A finished stage-1 side (its JSON written) is kept.
+# SIDES=ours runs only this project's side (no PyTorch in either stage).
 set -euo pipefail
 out=${1:?usage: run_lee_two_stage.sh OUT_DIR [PYTHON]}
 python=${2:-python3}
@@ -33,13 +34,13 @@ if [ ! -s "$stage/ours.json" ]; then
     --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$max_length" --device cpu > "$stage/ours.json.part"
   mv "$stage/ours.json.part" "$stage/ours.json"
 fi
-if [ ! -s "$stage/pytorch.json" ]; then
+if [ "${SIDES:-both}" != ours ] && [ ! -s "$stage/pytorch.json" ]; then
   echo "stage 1, PyTorch: $(date -u +%H:%M:%S)" >&2
   "$python" tests/scripts/lee/crossencoder_fit.py --model "$model_dir" --train "$stage/data/distill.tsv" \
     --epochs "$s1_epochs" --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$max_length" \
     --threads 2 --save "$stage/pytorch" > "$stage/pytorch.json.part"
   mv "$stage/pytorch.json.part" "$stage/pytorch.json"
 fi
-START_OURS="$stage/ours" START_PYTORCH="$stage/pytorch" DISTILL_PAIRS=0 BERT="$bert" \
+START_OURS="$stage/ours" START_PYTORCH="$stage/pytorch" DISTILL_PAIRS=0 BERT="$bert" SIDES="${SIDES:-both}" \
   EPOCHS=${EPOCHS:-2} LR=${LR:-2e-5} BATCH=$batch SEED=$seed MAX_LENGTH=$max_length \
   tests/scripts/lee/run_lee_kfold.sh "$out" "$python"
