@@ -954,12 +954,13 @@ impl LinearOp {
     fn finish<T: Real + Default + 'static>(&self, y: &mut [T], bias: Option<&[T]>) {
         if self.gelu {
             // Chunk by chunk in parallel (whole rows when a bias is added).
+            let bias = bias.filter(|b| !b.is_empty());
             let chunk = match bias {
-                Some(b) if !b.is_empty() => b.len() * (1usize << 12).div_ceil(b.len()),
-                _ => 1 << 12,
+                Some(b) => b.len() * (1usize << 12).div_ceil(b.len()),
+                None => 1 << 12,
             };
             crate::team::parallel_chunks_mut(y, chunk, |_, chunk| {
-                if let Some(b) = bias.filter(|b| !b.is_empty()) {
+                if let Some(b) = bias {
                     with_simd(
                         #[inline(always)]
                         || {
