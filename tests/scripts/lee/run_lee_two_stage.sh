@@ -9,7 +9,9 @@
 # labels reach it, so every fold's held-out pairs stay unseen.
 # Usage: tests/scripts/lee/run_lee_two_stage.sh OUT_DIR [PYTHON]
 # Recipe: DISTILL_PAIRS (5000), STAGE1_EPOCHS (1), STAGE1_LR (8e-5); stage 2: EPOCHS (2), LR (2e-5);
-# both: BATCH (16), SEED (42), MAX_LENGTH (256). A finished stage-1 side (its JSON written) is kept.
+# both: BATCH (16), SEED (42), MAX_LENGTH (256: the teacher's embeddings, stage 2 and the test pairs);
+# STAGE1_MAX_LENGTH (MAX_LENGTH) truncates the students' stage-1 pairs alone, to make a larger stage 1
+# affordable. A finished stage-1 side (its JSON written) is kept.
 # SIDES=ours runs only this project's side (no PyTorch in either stage).
 set -euo pipefail
 out=${1:?usage: run_lee_two_stage.sh OUT_DIR [PYTHON]}
@@ -17,6 +19,7 @@ python=${2:-python3}
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 pairs=${DISTILL_PAIRS:-5000}; s1_epochs=${STAGE1_EPOCHS:-1}; s1_lr=${STAGE1_LR:-8e-5}
 batch=${BATCH:-16}; seed=${SEED:-42}; max_length=${MAX_LENGTH:-256}
+s1_max_length=${STAGE1_MAX_LENGTH:-$max_length}
 stage="$out/stage1"
 mkdir -p "$stage"
 cd "$root"
@@ -31,13 +34,13 @@ model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE
 if [ ! -s "$stage/ours.json" ]; then
   echo "stage 1, ours: $(date -u +%H:%M:%S)" >&2
   $bert finetune --train "$stage/data/distill.tsv" --out "$stage/ours" --epochs "$s1_epochs" \
-    --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$max_length" --device cpu > "$stage/ours.json.part"
+    --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$s1_max_length" --device cpu > "$stage/ours.json.part"
   mv "$stage/ours.json.part" "$stage/ours.json"
 fi
 if [ "${SIDES:-both}" != ours ] && [ ! -s "$stage/pytorch.json" ]; then
   echo "stage 1, PyTorch: $(date -u +%H:%M:%S)" >&2
   "$python" tests/scripts/lee/crossencoder_fit.py --model "$model_dir" --train "$stage/data/distill.tsv" \
-    --epochs "$s1_epochs" --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$max_length" \
+    --epochs "$s1_epochs" --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$s1_max_length" \
     --threads 2 --save "$stage/pytorch" > "$stage/pytorch.json.part"
   mv "$stage/pytorch.json.part" "$stage/pytorch.json"
 fi
