@@ -188,7 +188,7 @@ impl Linear {
     }
 
     /// The panel half of [`Linear::use_inference_layout`]: packs an f32 weight stored
-    /// transposed (on a CPU with AVX-512). A weight that is a strided view into a larger block,
+    /// transposed (on a CPU with AVX-512 or AVX2 and FMA). A weight that is a strided view into a larger block,
     /// as query, key and value become when an attention block fuses them, is left
     /// unpacked: inference multiplies by the block, so its panels would go unused.
     pub fn pack_for_small_batches(&mut self) -> Result<()> {
@@ -199,9 +199,8 @@ impl Linear {
             && crate::panel_gemm::PanelWeights::available();
         if packable && self.panels.is_none() {
             let in_out = self.weight.t()?.flatten_all()?.to_vec1::<f32>()?;
-            self.panels = Some(std::sync::Arc::new(crate::panel_gemm::PanelWeights::pack(
-                &in_out, in_dim, out_dim,
-            )));
+            self.panels =
+                crate::panel_gemm::PanelWeights::pack(&in_out, in_dim, out_dim).map(Into::into);
         }
         Ok(())
     }

@@ -1,57 +1,147 @@
-//! The small-batch product `y += x W` for inference: f32 weights packed once, at load, into
-//! panels of [`PANEL`] output columns (`[out / PANEL][in][PANEL]`, the last panel zero-padded),
-//! so that a product over few rows reads every weight exactly once and in address order.
+//! The product `y += x W` for f32 inference on weights packed once, at load, into panels of a
+//! few output columns (`[out / width][in][width]`, the last panel zero-padded, every panel
+//! starting on a cache line), so that a product reads every weight in address order.
 //!
 //! Why: with few rows (a single short query, the 1 x 16 case) the product is bound by streaming
-//! the weights, not by arithmetic. A general GEMM reads an `[in, out]` weight one `PANEL`-wide
-//! column block at a time, a row-sized stride apart, which the hardware prefetchers do not
-//! follow; here each thread walks whole panels front to back. The rows are taken
-//! [`TILE_ROWS`] at a time, their accumulators held in AVX-512 registers across the whole `in`
-//! loop, the panel prefetched ahead. Past [`MAX_ROWS`] rows the general GEMM, which blocks `x`
-//! for its caches, is faster.
+//! the weights, not by arithmetic. A general GEMM reads an `[in, out]` weight one column block
+//! at a time, a row-sized stride apart, which the hardware prefetchers do not follow; here each
+//! thread walks whole panels front to back. The rows are taken [`TILE_ROWS`] at a time, their
+//! accumulators held in vector registers across the whole `in` loop.
+//!
+//! Two kernels, chosen at run time: on AVX-512 CPUs, panels of 64 columns (6 x 4 of the 32
+//! registers), used up to [`AVX512_MAX_ROWS`] rows, past which the general GEMM, which blocks
+//! `x` for its caches, is faster; on CPUs with AVX2 and FMA but no AVX-512, panels of 16
+//! columns (6 x 2 of the 16 registers), used for every row count, `x` taken in blocks that stay
+//! in L2 while the panels stream past them: there the `gemm` crate's AVX2 kernels, which read
+//! `x` unpacked with a row-sized stride between the six broadcasts of each step, reached ~60%
+//! of the FMA peak on an AMD EPYC (Zen 3).
 
-/// Output columns per panel: four AVX-512 registers of f32.
-pub(crate) const PANEL: usize = 64;
-
-/// Rows whose accumulators live in registers at once (6 x 4 of the 32 vector registers).
+/// Rows whose accumulators live in registers at once.
 const TILE_ROWS: usize = 6;
 
-/// How many panel rows (of `PANEL` floats) ahead the kernel prefetches.
+/// Most rows for which the AVX-512 kernel is used. Measured on MiniLM, 2 threads (AVX-512
+/// Xeon): at 16 rows it halves the forward pass, at 256 it is ~20% faster than the general
+/// GEMM, at 1024 level with it, at 4096 slower (every panel re-reads all of `x`).
+pub(crate) const AVX512_MAX_ROWS: usize = 512;
+
+/// How many panel rows ahead the AVX-512 kernel prefetches.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_ROWS: usize = 16;
 
-/// Most rows for which [`PanelWeights::multiply_add`] is used. Measured on MiniLM, 2 threads
-/// (AVX-512 Xeon): at 16 rows it halves the forward pass, at 256 it is ~20% faster than the
-/// general GEMM, at 1024 level with it, at 4096 slower (every panel re-reads all of `x`; the
-/// GEMM blocks `x` for its caches).
-pub(crate) const MAX_ROWS: usize = 512;
+/// Bytes of `x` the AVX2 kernel takes per block of rows (within the 512 KiB L2 of a Zen 3
+/// core), the most panel rows it runs through per pass over a block (256 rows of 16 floats:
+/// 16 KiB, which stays in a 32 KiB L1 beside the six rows of `x`; a whole panel of 384 or
+/// 1536 rows does not), and how many panel rows ahead it prefetches.
+const AVX2_BLOCK_BYTES: usize = 192 << 10;
+const AVX2_DEPTH: usize = 256;
+#[cfg(target_arch = "x86_64")]
+const AVX2_PREFETCH_ROWS: usize = 32;
+
+/// Which kernel runs the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Avx512,
+    Avx2,
+}
+
+impl Kernel {
+    /// The best kernel this CPU runs, checked at run time.
+    fn detect() -> Option<Self> {
+        Self::supported().into_iter().next()
+    }
+
+    /// Every kernel this CPU runs, best first.
+    fn supported() -> Vec<Self> {
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("fma") {
+                if has!("avx512f") {
+                    kernels.push(Self::Avx512);
+                }
+                if has!("avx2") {
+                    kernels.push(Self::Avx2);
+                }
+            }
+        }
+        kernels
+    }
+
+    /// Output columns per panel: four AVX-512 registers, or two AVX2 registers.
+    fn panel_width(self) -> usize {
+        match self {
+            Self::Avx512 => 64,
+            Self::Avx2 => 16,
+        }
+    }
+
+    /// Most rows of `x` this kernel is used for.
+    fn max_rows(self) -> usize {
+        match self {
+            Self::Avx512 => AVX512_MAX_ROWS,
+            Self::Avx2 => usize::MAX,
+        }
+    }
+}
+
+/// One cache line of floats: the panels' storage, so that every panel row starts on a line.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
 
 /// A `[out, in]` weight packed into panels, for [`PanelWeights::multiply_add`].
 #[derive(Debug, Clone)]
 pub(crate) struct PanelWeights {
-    panels: Vec<f32>,
+    lines: Vec<Line>,
     in_dim: usize,
     out_dim: usize,
+    kernel: Kernel,
 }
 
 impl PanelWeights {
-    /// Packs a weight given as `[in, out]` row-major (`w_in_out[i * out + o]` is `W[o, i]`).
-    pub(crate) fn pack(w_in_out: &[f32], in_dim: usize, out_dim: usize) -> Self {
+    /// Packs a weight given as `[in, out]` row-major (`w_in_out[i * out + o]` is `W[o, i]`)
+    /// for this CPU's kernel; `None` where there is none (see [`Self::available`]).
+    pub(crate) fn pack(w_in_out: &[f32], in_dim: usize, out_dim: usize) -> Option<Self> {
+        Kernel::detect().map(|kernel| Self::pack_for(kernel, w_in_out, in_dim, out_dim))
+    }
+
+    fn pack_for(kernel: Kernel, w_in_out: &[f32], in_dim: usize, out_dim: usize) -> Self {
         assert_eq!(w_in_out.len(), in_dim * out_dim, "weight size");
-        let count = out_dim.div_ceil(PANEL);
-        let mut panels = vec![0f32; count * in_dim * PANEL];
-        for (p, panel) in panels.chunks_mut(in_dim * PANEL).enumerate() {
-            let first = p * PANEL;
-            let width = PANEL.min(out_dim - first);
-            for (i, row) in panel.chunks_mut(PANEL).enumerate() {
-                let start = i * out_dim + first;
-                row[..width].copy_from_slice(&w_in_out[start..start + width]);
-            }
-        }
-        Self {
-            panels,
+        let width = kernel.panel_width();
+        let count = out_dim.div_ceil(width);
+        // Both widths are whole lines, so every panel (and panel row) starts on a line.
+        let mut packed = Self {
+            lines: vec![Line([0.0; 16]); count * in_dim * width / 16],
             in_dim,
             out_dim,
+            kernel,
+        };
+        // (`max(1)`: with no input columns there are no panel rows, nothing to copy.)
+        for (p, panel) in packed
+            .floats_mut()
+            .chunks_mut((in_dim * width).max(1))
+            .enumerate()
+        {
+            let first = p * width;
+            let cols = width.min(out_dim - first);
+            for (i, row) in panel.chunks_mut(width).enumerate() {
+                let start = i * out_dim + first;
+                row[..cols].copy_from_slice(&w_in_out[start..start + cols]);
+            }
+        }
+        packed
+    }
+
+    fn floats(&self) -> &[f32] {
+        // SAFETY: `Line` is 16 f32s with no padding (size 64, align 64).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.lines.len() * 16) }
+    }
+
+    fn floats_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `floats`, borrowed mutably.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.lines.len() * 16)
         }
     }
 
@@ -60,33 +150,47 @@ impl PanelWeights {
         (self.in_dim, self.out_dim) == (in_dim, out_dim)
     }
 
-    /// Whether this kernel runs here: AVX-512F and FMA, checked at run time.
-    pub(crate) fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+    /// Whether products over `rows` rows should use this packing rather than the general GEMM.
+    pub(crate) fn covers(&self, rows: usize) -> bool {
+        rows <= self.kernel.max_rows()
     }
 
-    /// `y[rows, out] += x[rows, in] W^T`, both row-major and contiguous. The panels are shared
-    /// out over the threads ([`crate::team::parallel_for`]). Callers check [`Self::available`]
-    /// first.
+    /// Whether [`Self::covers`] holds for `rows` on this CPU (weights packed here or not).
+    pub(crate) fn would_cover(rows: usize) -> bool {
+        Kernel::detect().is_some_and(|kernel| rows <= kernel.max_rows())
+    }
+
+    /// Whether a kernel runs here: AVX-512F or AVX2, with FMA, checked at run time.
+    pub(crate) fn available() -> bool {
+        Kernel::detect().is_some()
+    }
+
+    /// `y[rows, out] += x[rows, in] W^T`, both row-major and contiguous, shared out over the
+    /// threads ([`crate::team::parallel_for`]).
     pub(crate) fn multiply_add(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         assert!(
-            x.len() == rows * in_dim && y.len() == rows * out_dim && Self::available(),
+            x.len() == rows * in_dim && y.len() == rows * out_dim,
             "panel product: x {} / y {} for {rows} x {in_dim} -> {out_dim}",
             x.len(),
             y.len()
         );
+        if rows == 0 || out_dim == 0 {
+            return; // nothing to add to
+        }
+        match self.kernel {
+            Kernel::Avx512 => self.multiply_add_avx512(x, rows, y),
+            Kernel::Avx2 => self.multiply_add_avx2(x, rows, y),
+        }
+    }
+
+    /// The AVX-512 product: a task per panel, each over every row.
+    fn multiply_add_avx512(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        const PANEL: usize = 64;
+        let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         let out = crate::kernels::SharedMut(y.as_mut_ptr());
         let panel_len = in_dim * PANEL;
-        let all = &self.panels;
+        let all = self.floats();
         let tiles = rows.div_ceil(TILE_ROWS);
         // The first tile of a panel streams it from memory, the later ones re-read it from
         // L2 and are bound by arithmetic: they prefetch the next panel meanwhile, shared out
@@ -98,7 +202,7 @@ impl PanelWeights {
             0
         };
         let lines_per_k = lines_per_tile.div_ceil(in_dim.max(1));
-        crate::team::parallel_for(all.len() / panel_len, |p| {
+        crate::team::parallel_for(all.len() / panel_len.max(1), |p| {
             let panel = &all[p * panel_len..(p + 1) * panel_len];
             let first = p * PANEL;
             let width = PANEL.min(out_dim - first);
@@ -118,13 +222,53 @@ impl PanelWeights {
                     },
                     _ => Prefetch::NONE,
                 };
-                // SAFETY: AVX-512F/FMA are present (asserted above); x covers rows x in,
-                // the panel in x PANEL, and y rows x out, of which this task alone writes
-                // columns first..first + width of rows r0..r0 + tile.
+                // SAFETY: this kernel was detected (packed for it); x covers rows x in, the
+                // panel in x PANEL, and y rows x out, of which this task alone writes columns
+                // first..first + width of rows r0..r0 + tile.
                 unsafe {
                     let x = x.as_ptr().add(r0 * in_dim);
                     let y = out.get().add(r0 * out_dim + first);
-                    tile_rows(tile, x, in_dim, panel.as_ptr(), y, out_dim, width, prefetch);
+                    tile_rows_avx512(tile, x, in_dim, panel.as_ptr(), y, out_dim, width, prefetch);
+                }
+            }
+        });
+    }
+
+    /// The AVX2 product: `x` in blocks of rows that stay in L2, a task per (block, panel),
+    /// block-major so that each thread's tasks share their blocks; within a task the panel
+    /// in slices of at most [`AVX2_DEPTH`] rows, each run past every tile of the block while
+    /// it sits in L1.
+    fn multiply_add_avx2(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        const PANEL: usize = 16;
+        let (in_dim, out_dim) = (self.in_dim, self.out_dim);
+        let out = crate::kernels::SharedMut(y.as_mut_ptr());
+        let panel_len = in_dim * PANEL;
+        let all = self.floats();
+        let panels = out_dim.div_ceil(PANEL);
+        // Even blocks of whole tiles (128 rows: 66 + 62, not 126 + 2), likewise slices.
+        let most = (AVX2_BLOCK_BYTES / (4 * in_dim.max(1))).max(TILE_ROWS);
+        let block = rows
+            .div_ceil(rows.div_ceil(most))
+            .next_multiple_of(TILE_ROWS);
+        let depth = in_dim.div_ceil(in_dim.div_ceil(AVX2_DEPTH).max(1)).max(1);
+        crate::team::parallel_for(rows.div_ceil(block) * panels, |task| {
+            let (b, p) = (task / panels, task % panels);
+            let panel = &all[p * panel_len..(p + 1) * panel_len];
+            let first = p * PANEL;
+            let width = PANEL.min(out_dim - first);
+            let end = rows.min((b + 1) * block);
+            for k0 in (0..in_dim).step_by(depth) {
+                let slice = depth.min(in_dim - k0);
+                for r0 in (b * block..end).step_by(TILE_ROWS) {
+                    let tile = TILE_ROWS.min(end - r0);
+                    // SAFETY: as in `multiply_add_avx512`, for this kernel and its 16-wide
+                    // panels: rows r0.. of x from column k0 on, panel rows k0..k0 + slice.
+                    unsafe {
+                        let x = x.as_ptr().add(r0 * in_dim + k0);
+                        let w = panel.as_ptr().add(k0 * PANEL);
+                        let y = out.get().add(r0 * out_dim + first);
+                        tile_rows_avx2(tile, x, in_dim, slice, w, y, out_dim, width);
+                    }
                 }
             }
         });
@@ -148,12 +292,12 @@ impl Prefetch {
     };
 }
 
-/// Dispatches a tile of `tile` (1..=6) rows to the kernel compiled for that count.
+/// Dispatches a tile of `tile` (1..=6) rows to the AVX-512 kernel compiled for that count.
 ///
 /// # Safety
 /// As [`tile_avx512`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_rows(
+unsafe fn tile_rows_avx512(
     tile: usize,
     x: *const f32,
     in_dim: usize,
@@ -173,7 +317,35 @@ unsafe fn tile_rows(
         _ => tile_avx512::<6>(x, in_dim, panel, y, y_stride, width, prefetch),
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("PanelWeights::available is false off x86_64")
+    unreachable!("no panel kernel is detected off x86_64")
+}
+
+/// Dispatches a tile of `tile` (1..=6) rows to the AVX2 kernel compiled for that count.
+///
+/// # Safety
+/// As [`tile_avx2`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows_avx2(
+    tile: usize,
+    x: *const f32,
+    x_stride: usize,
+    depth: usize,
+    panel: *const f32,
+    y: *mut f32,
+    y_stride: usize,
+    width: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match tile {
+        1 => tile_avx2::<1>(x, x_stride, depth, panel, y, y_stride, width),
+        2 => tile_avx2::<2>(x, x_stride, depth, panel, y, y_stride, width),
+        3 => tile_avx2::<3>(x, x_stride, depth, panel, y, y_stride, width),
+        4 => tile_avx2::<4>(x, x_stride, depth, panel, y, y_stride, width),
+        5 => tile_avx2::<5>(x, x_stride, depth, panel, y, y_stride, width),
+        _ => tile_avx2::<6>(x, x_stride, depth, panel, y, y_stride, width),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no panel kernel is detected off x86_64")
 }
 
 /// `y[r, ..width] += sum_k x[r, k] * panel[k, ..width]` for `R` rows, the `R x 64`
@@ -181,7 +353,7 @@ unsafe fn tile_rows(
 ///
 /// # Safety
 /// The CPU has AVX-512F and FMA; `x` covers `R` rows of `in_dim` (row stride `in_dim`),
-/// `panel` covers `in_dim x PANEL`, `y` covers `R` rows of `width <= PANEL` elements at row
+/// `panel` covers `in_dim x 64`, `y` covers `R` rows of `width <= 64` elements at row
 /// stride `y_stride`, and nothing else writes them meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
@@ -195,6 +367,7 @@ unsafe fn tile_avx512<const R: usize>(
     prefetch: Prefetch,
 ) {
     use std::arch::x86_64::*;
+    const PANEL: usize = 64;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for k in 0..in_dim {
         let first = k * prefetch.lines_per_k;
@@ -241,6 +414,62 @@ unsafe fn tile_avx512<const R: usize>(
     }
 }
 
+/// `y[r, ..width] += sum_{k < depth} x[r, k] * panel[k, ..width]` for `R` rows, the
+/// `R x 16` accumulators in registers for the whole `k` loop (12 of the 16 for six rows, two
+/// for the panel row, one for the broadcast).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `x` covers `R` rows of `depth` elements at row stride
+/// `x_stride`, `panel` covers `depth x 16`, `y` covers `R` rows of `width <= 16` elements at
+/// row stride `y_stride`, and nothing else writes them meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const R: usize>(
+    x: *const f32,
+    x_stride: usize,
+    depth: usize,
+    panel: *const f32,
+    y: *mut f32,
+    y_stride: usize,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    const PANEL: usize = 16;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for k in 0..depth {
+        let w = panel.add(k * PANEL);
+        // Each panel row is one cache line: ask for the one this loop reaches later (past
+        // the panel's end the hint is harmless and ignored).
+        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(AVX2_PREFETCH_ROWS * PANEL).cast::<i8>());
+        let w0 = _mm256_loadu_ps(w);
+        let w1 = _mm256_loadu_ps(w.add(8));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xv = _mm256_broadcast_ss(&*x.add(r * x_stride + k));
+            acc[0] = _mm256_fmadd_ps(xv, w0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(xv, w1, acc[1]);
+        }
+    }
+    let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (r, acc) in acc.iter().enumerate() {
+        let row = y.add(r * y_stride);
+        for (j, &sum) in acc.iter().enumerate() {
+            let start = j * 8;
+            if start >= width {
+                break;
+            }
+            let at = row.add(start);
+            let lanes = (width - start).min(8);
+            if lanes == 8 {
+                _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), sum));
+            } else {
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane_index);
+                let old = _mm256_maskload_ps(at, mask);
+                _mm256_maskstore_ps(at, mask, _mm256_add_ps(old, sum));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,10 +495,8 @@ mod tests {
     }
 
     #[test]
-    fn panel_product_matches_the_plain_product_for_every_tile_and_edge() {
-        if !PanelWeights::available() {
-            return; // nothing to check: callers never use it here
-        }
+    fn panel_product_matches_the_plain_product_for_every_kernel_tile_and_edge() {
+        // Every kernel this CPU runs (none: nothing to check, callers never use it here).
         let mut state = 0x2545_F491_4F6C_DD1Du64;
         let mut next = move || {
             state ^= state << 13;
@@ -279,25 +506,38 @@ mod tests {
         };
         // Rows across every tile size and a partial tile; widths with a partial last panel
         // and a partial last register; in dims that are not multiples of anything.
-        for (rows, k, n) in [
+        let shapes = [
             (1, 384, 384),
             (16, 37, 130),
             (7, 5, 64),
             (13, 64, 1),
             (32, 100, 200),
-        ] {
+            // More rows than one AVX2 block of x (192 KiB over 1536 floats a row: 32 rows)
+            // and panel rows than one slice (1536 = 6 x 256), ending in a partial tile; an
+            // uneven split of both (400 = 2 x 200 panel rows, 200 rows = 2 x 100).
+            (67, 1536, 40),
+            (200, 400, 17),
+            // Empty products: no rows, no output columns, no input columns.
+            (0, 384, 384),
+            (5, 384, 0),
+            (5, 0, 20),
+        ];
+        for (kernel, (rows, k, n)) in Kernel::supported()
+            .into_iter()
+            .flat_map(|kernel| shapes.map(|shape| (kernel, shape)))
+        {
             let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let y0: Vec<f32> = (0..rows * n).map(|_| next()).collect();
             let mut y = y0.clone();
-            PanelWeights::pack(&w, k, n).multiply_add(&x, rows, &mut y);
+            PanelWeights::pack_for(kernel, &w, k, n).multiply_add(&x, rows, &mut y);
             let expected = reference(&x, &w, &y0, rows, k, n);
             let worst = y
                 .iter()
                 .zip(&expected)
                 .map(|(a, b)| (*a as f64 - b).abs())
                 .fold(0f64, f64::max);
-            assert!(worst < 1e-4, "{rows}x{k}x{n}: {worst}");
+            assert!(worst < 1e-4, "{kernel:?} {rows}x{k}x{n}: {worst}");
         }
     }
 }

@@ -28,14 +28,19 @@ thread_local! {
 }
 
 /// Whether an inference pass of `tokens` rows in `dtype` suits [`with_team`]: f32 passes of
-/// at most `panel_gemm::MAX_ROWS` tokens on an AVX-512 CPU run every product of a loaded
-/// model (its weights packed at load) on the panel kernel, whose loops are the team's; longer
-/// or half-precision passes run the general GEMM, which threads itself over rayon.
+/// at most [`MAX_TOKENS`] tokens that the panel kernel covers (on CPUs with AVX-512 or AVX2)
+/// run every product of a loaded model (its weights packed at load) on it, whose loops are
+/// the team's; half-precision passes, and on AVX-512 longer ones, run the general GEMM, which
+/// threads itself over rayon.
 pub fn suits(tokens: usize, dtype: candle_core::DType) -> bool {
     dtype == candle_core::DType::F32
-        && tokens <= crate::panel_gemm::MAX_ROWS
-        && crate::panel_gemm::PanelWeights::available()
+        && tokens <= MAX_TOKENS
+        && crate::panel_gemm::PanelWeights::would_cover(tokens)
 }
+
+/// Most tokens of a pass run on the team: longer passes run for milliseconds per loop, where
+/// rayon's wake-ups cost nothing that matters and its work stealing evens out the threads.
+pub const MAX_TOKENS: usize = 512;
 
 /// Runs `f` with this thread's parallel kernel loops on the spinning team instead of rayon.
 /// Meant for short inference passes whose loops all fit the team (no rayon-parallel GEMM
