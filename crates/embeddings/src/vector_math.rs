@@ -5,6 +5,10 @@
 //! Every function here computes what its portable counterpart in `kernels` does, with the same
 //! algorithm; the `exp` uses fused multiply-adds, so results differ from the portable code in
 //! the last bit or two (tested).
+//!
+//! The softmax row functions are `#[inline(always)]`: their callers run inside
+//! `kernels::with_simd`, so the portable fallback is compiled there for AVX2 and FMA (on CPUs
+//! without AVX-512) instead of for baseline x86-64, where its `exp` loop stayed scalar.
 
 /// Whether this CPU runs the kernels here (AVX-512F, checked once by std's cache).
 #[inline]
@@ -21,6 +25,7 @@ pub(crate) fn available() -> bool {
 
 /// `row = softmax(row * scale + bias)` in place (`bias`, when given, as long as `row`).
 /// Falls back to the portable code where AVX-512 is missing.
+#[inline(always)]
 pub(crate) fn scaled_softmax(row: &mut [f32], scale: f32, bias: Option<&[f32]>) {
     let sum = scaled_exp_row(row, scale, bias);
     if sum != 1.0 {
@@ -32,6 +37,7 @@ pub(crate) fn scaled_softmax(row: &mut [f32], scale: f32, bias: Option<&[f32]>) 
 /// `exp(row * scale + bias - max)` and the return value is its sum (1 where the portable
 /// fallback normalised already). Lets the attention divide the `P V` rows (head size wide)
 /// instead of the probability rows (sequence wide).
+#[inline(always)]
 pub(crate) fn scaled_exp_row(row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> f32 {
     if let Some(bias) = bias {
         assert_eq!(bias.len(), row.len(), "bias and row lengths differ");
@@ -46,6 +52,7 @@ pub(crate) fn scaled_exp_row(row: &mut [f32], scale: f32, bias: Option<&[f32]>) 
 }
 
 /// `row *= factor`, in AVX-512 where present.
+#[inline(always)]
 pub(crate) fn scale_row(row: &mut [f32], factor: f32) {
     #[cfg(target_arch = "x86_64")]
     if available() {
