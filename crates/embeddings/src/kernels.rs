@@ -199,7 +199,7 @@ fn softmax_in_place<T: Real>(row: &mut [T]) {
 }
 
 /// `row = softmax(row * scale + bias)` in place, the portable form of the attention's row step
-/// (`vector_math::scaled_softmax` is its AVX-512 f32 counterpart and falls back to it).
+/// (`vector_math::scaled_softmax` is its AVX-512 / AVX2 f32 counterpart and falls back to it).
 #[inline(always)]
 pub(crate) fn scaled_softmax_in_place<T: Real>(row: &mut [T], scale: T, bias: Option<&[T]>) {
     match bias {

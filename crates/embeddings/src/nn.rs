@@ -26,7 +26,7 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     adapter: Option<LoraAdapter>,
-    /// The weight packed for small batches on the CPU (f32, AVX-512; see
+    /// The weight packed into panels on the CPU (f32, AVX-512 or AVX2; see
     /// [`Linear::use_inference_layout`]); `None` elsewhere.
     panels: Option<std::sync::Arc<crate::panel_gemm::PanelWeights>>,
 }
@@ -163,8 +163,9 @@ impl Linear {
     /// layout the CPU kernel multiplies by without repacking it on every call (that repacking
     /// was two thirds of a 1 x 16 forward pass). For inference: the transposed copy replaces
     /// the weight, so it is detached from any gradient; a weight already in that layout is left
-    /// as is. An f32 weight on a CPU with AVX-512 is also packed into panels for products over
-    /// few rows (`panel_gemm`: the weight read once, in address order; a second copy of it).
+    /// as is. An f32 weight on a CPU with AVX-512 or AVX2 and FMA is also packed into panels
+    /// (`panel_gemm`: the weight read in address order; a second copy of it), used for products
+    /// over few rows (AVX-512) or any number (AVX2).
     /// [`Linear::store_transposed`] then [`Linear::pack_for_small_batches`].
     pub fn use_inference_layout(&mut self) -> Result<()> {
         self.store_transposed()?;
@@ -188,8 +189,9 @@ impl Linear {
     }
 
     /// The panel half of [`Linear::use_inference_layout`]: packs an f32 weight stored
-    /// transposed (on a CPU with AVX-512 or AVX2 and FMA). A weight that is a strided view into a larger block,
-    /// as query, key and value become when an attention block fuses them, is left
+    /// transposed (on a CPU with AVX-512, or AVX2 and FMA; the name dates from the AVX-512
+    /// kernel, used for small batches only). A weight that is a strided view into a larger
+    /// block, as query, key and value become when an attention block fuses them, is left
     /// unpacked: inference multiplies by the block, so its panels would go unused.
     pub fn pack_for_small_batches(&mut self) -> Result<()> {
         let (out_dim, in_dim) = self.weight.dims2()?;
