@@ -292,6 +292,22 @@ impl Prefetch {
     };
 }
 
+/// `$kernel::<R>(args..)` for a tile of `$tile` (1..=6) rows: each row count is its own
+/// compiled kernel, its accumulators held in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_tile_rows {
+    ($tile:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match $tile {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            _ => $kernel::<6>($($arg),*),
+        }
+    };
+}
+
 /// Dispatches a tile of `tile` (1..=6) rows to the AVX-512 kernel compiled for that count.
 ///
 /// # Safety
@@ -308,14 +324,10 @@ unsafe fn tile_rows_avx512(
     prefetch: Prefetch,
 ) {
     #[cfg(target_arch = "x86_64")]
-    match tile {
-        1 => tile_avx512::<1>(x, in_dim, panel, y, y_stride, width, prefetch),
-        2 => tile_avx512::<2>(x, in_dim, panel, y, y_stride, width, prefetch),
-        3 => tile_avx512::<3>(x, in_dim, panel, y, y_stride, width, prefetch),
-        4 => tile_avx512::<4>(x, in_dim, panel, y, y_stride, width, prefetch),
-        5 => tile_avx512::<5>(x, in_dim, panel, y, y_stride, width, prefetch),
-        _ => tile_avx512::<6>(x, in_dim, panel, y, y_stride, width, prefetch),
-    }
+    for_tile_rows!(
+        tile,
+        tile_avx512(x, in_dim, panel, y, y_stride, width, prefetch)
+    );
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("no panel kernel is detected off x86_64")
 }
@@ -336,14 +348,10 @@ unsafe fn tile_rows_avx2(
     width: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    match tile {
-        1 => tile_avx2::<1>(x, x_stride, depth, panel, y, y_stride, width),
-        2 => tile_avx2::<2>(x, x_stride, depth, panel, y, y_stride, width),
-        3 => tile_avx2::<3>(x, x_stride, depth, panel, y, y_stride, width),
-        4 => tile_avx2::<4>(x, x_stride, depth, panel, y, y_stride, width),
-        5 => tile_avx2::<5>(x, x_stride, depth, panel, y, y_stride, width),
-        _ => tile_avx2::<6>(x, x_stride, depth, panel, y, y_stride, width),
-    }
+    for_tile_rows!(
+        tile,
+        tile_avx2(x, x_stride, depth, panel, y, y_stride, width)
+    );
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("no panel kernel is detected off x86_64")
 }
