@@ -247,7 +247,8 @@ impl PanelWeights {
         let panel_len = in_dim * PANEL;
         let all = self.floats();
         let panels = out_dim.div_ceil(PANEL);
-        // Even blocks of whole tiles (128 rows: 66 + 62, not 126 + 2), likewise slices.
+        // Even blocks of whole tiles (200 rows of 384: 102 + 98, not 128 + 72), likewise
+        // slices (384 panel rows: 192 + 192, not 256 + 128).
         let most = (AVX2_BLOCK_BYTES / (4 * in_dim.max(1))).max(TILE_ROWS);
         let block = rows
             .div_ceil(rows.div_ceil(most))
