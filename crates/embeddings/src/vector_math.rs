@@ -8,8 +8,9 @@
 //! the last bit or two (tested).
 //!
 //! The softmax row functions are `#[inline(always)]`: their callers run inside
-//! `kernels::with_simd`, so the portable fallback is compiled there for AVX2 and FMA (on CPUs
-//! without AVX-512) instead of for baseline x86-64, where its `exp` loop stayed scalar.
+//! `kernels::with_simd`, so their portable fallback is compiled there with the CPU's vector
+//! instructions, not for baseline x86-64 (where, before the AVX2 rows, its `exp` loop ran
+//! scalar on AVX2-only CPUs).
 
 /// Whether this CPU runs the kernels here (AVX-512F, checked once by std's cache).
 #[inline]
