@@ -7,10 +7,9 @@
 //! algorithm; the `exp` uses fused multiply-adds, so results differ from the portable code in
 //! the last bit or two (tested).
 //!
-//! The softmax row functions are `#[inline(always)]`: their callers run inside
-//! `kernels::with_simd`, so their portable fallback is compiled there with the CPU's vector
-//! instructions, not for baseline x86-64 (where, before the AVX2 rows, its `exp` loop ran
-//! scalar on AVX2-only CPUs).
+//! The softmax row functions are `#[inline(always)]`, into the attention's loop (compiled by
+//! `kernels::with_simd`): a call less per row; before the AVX2 rows existed it was also what
+//! kept their portable fallback from running at baseline x86-64 (scalar `exp`) on AVX2 CPUs.
 
 /// Whether this CPU runs the kernels here (AVX-512F, checked once by std's cache).
 #[inline]
