@@ -19,6 +19,10 @@
 /// Rows whose accumulators live in registers at once.
 const TILE_ROWS: usize = 6;
 
+/// Output columns per panel: four AVX-512 registers of f32, or two AVX2 registers.
+const AVX512_PANEL: usize = 64;
+const AVX2_PANEL: usize = 16;
+
 /// Most rows for which the AVX-512 kernel is used. Measured on MiniLM, 2 threads (AVX-512
 /// Xeon): at 16 rows it halves the forward pass, at 256 it is ~20% faster than the general
 /// GEMM, at 1024 level with it, at 4096 slower (every panel re-reads all of `x`).
@@ -70,11 +74,11 @@ impl Kernel {
         }
     }
 
-    /// Output columns per panel: four AVX-512 registers, or two AVX2 registers.
+    /// Output columns per panel.
     fn panel_width(self) -> usize {
         match self {
-            Self::Avx512 => 64,
-            Self::Avx2 => 16,
+            Self::Avx512 => AVX512_PANEL,
+            Self::Avx2 => AVX2_PANEL,
         }
     }
 
@@ -188,7 +192,7 @@ impl PanelWeights {
 
     /// The AVX-512 product: a task per panel, each over every row.
     fn multiply_add_avx512(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        const PANEL: usize = 64;
+        const PANEL: usize = AVX512_PANEL;
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         let out = crate::kernels::SharedMut(y.as_mut_ptr());
         let panel_len = in_dim * PANEL;
@@ -241,7 +245,7 @@ impl PanelWeights {
     /// in slices of at most [`AVX2_DEPTH`] rows, each run past every tile of the block while
     /// it sits in L1.
     fn multiply_add_avx2(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        const PANEL: usize = 16;
+        const PANEL: usize = AVX2_PANEL;
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         let out = crate::kernels::SharedMut(y.as_mut_ptr());
         let panel_len = in_dim * PANEL;
@@ -378,7 +382,7 @@ unsafe fn tile_avx512<const R: usize>(
     prefetch: Prefetch,
 ) {
     use std::arch::x86_64::*;
-    const PANEL: usize = 64;
+    const PANEL: usize = AVX512_PANEL;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for k in 0..in_dim {
         let first = k * prefetch.lines_per_k;
@@ -445,7 +449,7 @@ unsafe fn tile_avx2<const R: usize>(
     width: usize,
 ) {
     use std::arch::x86_64::*;
-    const PANEL: usize = 16;
+    const PANEL: usize = AVX2_PANEL;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for k in 0..depth {
         let w = panel.add(k * PANEL);
