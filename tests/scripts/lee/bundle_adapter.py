@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Copies a trained LoRA cross-encoder (a `bert finetune --lora` output directory) into
-models/NAME/ as a bundled model: adapter_config.json, adapter_model.safetensors and the
-classifier's config.json, plus a manifest.json pinning each by sha256. The library compiles
-these files in (crates/bert/src/manifest.rs) and loads them on the pinned base model.
+"""Copies a LoRA cross-encoder (a `bert finetune --lora` output directory, or an adapter written
+by extract_lora.py) into models/NAME/ as a bundled model: adapter_config.json,
+adapter_model.safetensors and the classifier's config.json, plus a manifest.json pinning each
+by sha256. The library compiles these files in (crates/bert/src/manifest.rs) and loads them on
+the pinned base model.
 
     python3 tests/scripts/lee/bundle_adapter.py RUN_DIR models/minilm-lee-cross-encoder
 """
@@ -33,7 +34,7 @@ def main():
         "name": dest.name,
         "description": (
             "A sentence-pair cross-encoder (pooled [CLS] -> linear -> sigmoid) trained by this "
-            "project's fine-tuning harness from all-MiniLM-L6-v2: LoRA adapters (rank "
+            "project's fine-tuning harness from all-MiniLM-L6-v2, stored as LoRA adapters (rank "
             f"{adapter['r']}, alpha {adapter['lora_alpha']}) and a head, bundled with the library "
             "and loaded on the pinned base. Model card: README.md beside this manifest."
         ),
