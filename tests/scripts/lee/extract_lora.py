@@ -81,7 +81,8 @@ def main():
     parser.add_argument(
         "--keep",
         default="",
-        help="comma list of small parts saved whole: " + ",".join([*KEEPABLE, "bias"]),
+        help="comma list of small parts saved whole: " + ",".join([*KEEPABLE, "bias"])
+        + " (bias writes PEFT's bias: \"all\", which `bert` does not load: for --merged-out only)",
     )
     parser.add_argument("--base-name", default="all-MiniLM-L6-v2",
                         help="base_model_name_or_path written into adapter_config.json")
@@ -116,6 +117,8 @@ def main():
         if is_target(name):
             lora_b, lora_a = best_low_rank(delta, args.rank)
             r = lora_a.shape[0]
+            if r != args.rank:
+                raise SystemExit(f"--rank {args.rank} exceeds {name}'s shape {delta.shape}")
             # C order: LAPACK's eigenvectors come in Fortran order, and safetensors writes a
             # numpy array's buffer as it lies, so a transposed layout would be saved scrambled.
             lora_b = np.ascontiguousarray(lora_b, dtype=store)
