@@ -49,11 +49,12 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// Every kernel, best first.
+    const ALL: [Self; 2] = [Self::Avx512, Self::Avx2];
+
     /// The best kernel this CPU runs, checked at run time (std caches the feature bits).
     fn detect() -> Option<Self> {
-        [Self::Avx512, Self::Avx2]
-            .into_iter()
-            .find(|kernel| kernel.runs_here())
+        Self::ALL.into_iter().find(|kernel| kernel.runs_here())
     }
 
     /// Whether this CPU has the instructions the kernel needs.
@@ -537,7 +538,7 @@ mod tests {
             (5, 384, 0),
             (5, 0, 20),
         ];
-        for (kernel, (rows, k, n)) in [Kernel::Avx512, Kernel::Avx2]
+        for (kernel, (rows, k, n)) in Kernel::ALL
             .into_iter()
             .filter(|kernel| kernel.runs_here())
             .flat_map(|kernel| shapes.map(|shape| (kernel, shape)))
