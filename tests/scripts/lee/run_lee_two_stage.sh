@@ -11,9 +11,10 @@
 # Recipe: DISTILL_PAIRS (5000), STAGE1_EPOCHS (1), STAGE1_LR (8e-5); stage 2: EPOCHS (2), LR (2e-5);
 # both: BATCH (16), SEED (42), MAX_LENGTH (256: the teacher's embeddings, stage 2 and the test pairs);
 # STAGE1_MAX_LENGTH (MAX_LENGTH) truncates the students' stage-1 pairs alone, to make a larger stage 1
-# affordable. A finished stage-1 side (its JSON written) is kept. STAGE1_SAVE_STEPS=N checkpoints our
-# stage 1 every N steps (same arithmetic), and a rerun then resumes it from OUT/stage1/ours/last:
-# a stage 1 of hours survives an interrupted session.
+# affordable. A finished stage-1 side (its JSON written) is kept. STAGE1_SAVE_STEPS=N checkpoints each
+# side's stage 1 every N steps (same arithmetic), and a rerun then resumes it (ours from
+# OUT/stage1/ours/last, PyTorch from OUT/stage1/pytorch_checkpoints): a stage 1 of hours survives an
+# interrupted session.
 # SIDES=ours runs only this project's side (no PyTorch in either stage).
 set -euo pipefail
 out=${1:?usage: run_lee_two_stage.sh OUT_DIR [PYTHON]}
@@ -43,10 +44,11 @@ if [ ! -s "$stage/ours.json" ]; then
   mv "$stage/ours.json.part" "$stage/ours.json"
 fi
 if [ "${SIDES:-both}" != ours ] && [ ! -s "$stage/pytorch.json" ]; then
-  echo "stage 1, PyTorch: $(date -u +%H:%M:%S)" >&2
+  s1_save=(); [ -n "${STAGE1_SAVE_STEPS:-}" ] && s1_save=(--save-steps "$STAGE1_SAVE_STEPS" --checkpoints "$stage/pytorch_checkpoints")
+  echo "stage 1, PyTorch: $(date -u +%H:%M:%S) ${s1_save[*]}" >&2
   "$python" tests/scripts/lee/crossencoder_fit.py --model "$model_dir" --train "$stage/data/distill.tsv" \
     --epochs "$s1_epochs" --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$s1_max_length" \
-    --threads 2 --save "$stage/pytorch" > "$stage/pytorch.json.part"
+    --threads 2 --save "$stage/pytorch" "${s1_save[@]}" > "$stage/pytorch.json.part"
   mv "$stage/pytorch.json.part" "$stage/pytorch.json"
 fi
 START_OURS="$stage/ours" START_PYTORCH="$stage/pytorch" DISTILL_PAIRS=0 BERT="$bert" SIDES="${SIDES:-both}" \
