@@ -12,17 +12,21 @@ trained cross-encoder (HF layout) for a later stage to start from; --epochs 0 on
 with the model as loaded. --save-steps N --checkpoints DIR make a long fit survive an interrupted
 session: fit's own trainer writes its state (model, optimiser, scheduler, RNG, step) to DIR every N
 steps, and a rerun with the same arguments resumes from the latest one there. Everything else is
-CrossEncoder.fit's own code path: only the TrainingArguments it builds get the save settings, and
-its trainer.train() call the checkpoint to resume from. Needs torch, transformers,
+CrossEncoder.fit's own code path: only the TrainingArguments it builds get the folder (a temporary
+one without --checkpoints) and the save settings, and its trainer.train() call the checkpoint to
+resume from. Needs torch, transformers,
 sentence-transformers and datasets (tests/scripts/lee/requirements-lee.txt); never run by CI.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import re
+import sys
+import tempfile
 import time
 
 import torch
@@ -47,15 +51,23 @@ def latest_checkpoint(folder):
     return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
 
 
-def checkpoint_fit(folder, save_steps, run):
-    """Makes CrossEncoder.fit checkpoint every `save_steps` steps into `folder` and resume from the
-    newest checkpoint there; `run` records the trainer's first and last step of this call."""
+def direct_fit(folder, save_steps, run):
+    """Points CrossEncoder.fit's trainer at `folder` (fit's own default is `checkpoints/model` in
+    the working directory, which it creates even when it saves nothing). With `save_steps`, the
+    trainer also checkpoints every `save_steps` steps there and resumes from the newest checkpoint;
+    `run` then records its first and last step of this call."""
     make_args = fit_mixin.CrossEncoderTrainingArguments
     train = CrossEncoderTrainer.train
 
-    def args_with_checkpoints(**kwargs):
-        kwargs.update(output_dir=folder, save_strategy="steps", save_steps=save_steps, save_total_limit=1)
+    def args_in_folder(**kwargs):
+        kwargs.update(output_dir=folder)
+        if save_steps:
+            kwargs.update(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
         return make_args(**kwargs)
+
+    fit_mixin.CrossEncoderTrainingArguments = args_in_folder
+    if not save_steps:
+        return
 
     def train_resuming(trainer, *args, **kwargs):
         resume = latest_checkpoint(folder)
@@ -64,7 +76,6 @@ def checkpoint_fit(folder, save_steps, run):
         run["last_step"] = trainer.state.global_step
         return result
 
-    fit_mixin.CrossEncoderTrainingArguments = args_with_checkpoints
     # fit imports the trainer class inside the call, so the class itself is patched.
     CrossEncoderTrainer.train = train_resuming
 
@@ -100,20 +111,22 @@ def main():
     loader = DataLoader(examples, shuffle=True, batch_size=args.batch_size)
     steps = math.ceil(len(examples) / args.batch_size) * args.epochs
     run = {}
-    if args.checkpoints:
-        checkpoint_fit(args.checkpoints, args.save_steps, run)
+    scratch = tempfile.TemporaryDirectory(prefix="crossencoder-fit-")
+    direct_fit(args.checkpoints or scratch.name, args.save_steps, run)
     start = time.perf_counter()
     # --epochs 0: no training, the model is scored as loaded (an earlier stage's checkpoint).
     if args.epochs > 0:
-        model.fit(
-            train_dataloader=loader,
-            epochs=args.epochs,
-            warmup_steps=math.ceil(steps * args.warmup_ratio),
-            optimizer_params={"lr": args.lr},
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            show_progress_bar=False,
-        )
+        # The trainer prints its summary to stdout; stdout is kept for this script's JSON line.
+        with contextlib.redirect_stdout(sys.stderr):
+            model.fit(
+                train_dataloader=loader,
+                epochs=args.epochs,
+                warmup_steps=math.ceil(steps * args.warmup_ratio),
+                optimizer_params={"lr": args.lr},
+                weight_decay=0.01,
+                max_grad_norm=1.0,
+                show_progress_bar=False,
+            )
     seconds = time.perf_counter() - start
     if args.save:
         model.save(args.save)
