@@ -5,6 +5,7 @@
 //! and notes go to stderr, so stdout can be piped.
 
 mod input;
+mod selftest;
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -51,6 +52,16 @@ enum Command {
     Eval(EvalArgs),
     /// Merge a LoRA adapter into its base model and write a plain checkpoint.
     Merge(MergeArgs),
+    /// Check this build on a device: all-MiniLM-L6-v2 against HF transformers' outputs (f32),
+    /// f16 and bf16 against f32, each text alone against its padded batch; exits 1 on a failure.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -584,6 +595,24 @@ fn embed(args: EmbedArgs) -> Result<()> {
     Ok(out.flush()?)
 }
 
+fn run_selftest(args: SelftestArgs) -> Result<()> {
+    let device = args.device.parse::<DeviceSpec>()?.open()?;
+    let files = bert::DEFAULT_MODEL.parse::<ModelSource>()?.fetch()?;
+    println!(
+        "selftest on {}: {} against HF transformers' outputs (tests/fixtures/minilm)",
+        device_name(&device),
+        bert::DEFAULT_MODEL
+    );
+    let checks = selftest::run(&files, &device, &selftest::fixture()?)?;
+    for check in &checks {
+        println!("  {}", check.line());
+    }
+    let failed = checks.iter().filter(|check| !check.passed()).count();
+    anyhow::ensure!(failed == 0, "{failed} of {} checks failed", checks.len());
+    println!("all {} checks passed", checks.len());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     bert::allocator::tune_allocator();
     let cli = Cli::parse();
@@ -594,6 +623,7 @@ fn main() -> ExitCode {
         Command::Finetune(args) => finetune(args),
         Command::Eval(args) => eval(args),
         Command::Merge(args) => merge(args),
+        Command::Selftest(args) => run_selftest(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -315,3 +315,18 @@ fn default_model_scores_the_guitar_pairs_in_the_right_order() {
     let vectors = jsonl(&ok(&bert(&["embed", "hello"])));
     assert_eq!(vectors[0]["embedding"].as_array().unwrap().len(), 384);
 }
+
+#[test]
+fn selftest_passes_on_the_cpu_and_names_a_missing_backend() {
+    let report = ok(&bert(&["selftest", "--device", "cpu"]));
+    assert!(report.starts_with("selftest on cpu:"), "{report}");
+    assert_eq!(report.lines().filter(|l| l.ends_with(" ok")).count(), 14);
+    assert!(report.contains("all 14 checks passed"), "{report}");
+    // A build without the Metal back-end says how to get one.
+    if !cfg!(feature = "metal") {
+        assert_fails(
+            &bert(&["selftest", "--device", "metal"]),
+            "rebuild with `--features metal`",
+        );
+    }
+}
