@@ -1,6 +1,6 @@
 //! The `bert` binary end to end: on a tiny random cross-encoder (no download) and on the real
 //! default model (fetched once from its pinned carrier): score, file input in all three formats,
-//! rank, embed, exit codes and error text.
+//! rank, embed, selftest, exit codes and error text.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
