@@ -152,9 +152,11 @@ pub fn run(
                 .with_token_type_ids(&types);
             let (alone_hidden, alone_pooled) = encode(&f32_model, &alone)?;
             let batched = hidden.narrow(0, row, 1)?.narrow(1, 0, length as usize)?;
-            worst = worst
-                .max(max_abs_diff(&alone_hidden, &batched)?)
-                .max(max_abs_diff(&alone_pooled, &pooled.narrow(0, row, 1)?)?);
+            worst = larger(worst, max_abs_diff(&alone_hidden, &batched)?);
+            worst = larger(
+                worst,
+                max_abs_diff(&alone_pooled, &pooled.narrow(0, row, 1)?)?,
+            );
         }
         checks.push(Check {
             name: format!("{batch} f32 each text alone vs batched"),
@@ -173,9 +175,21 @@ fn encode(model: &BertModel, inputs: &BertInputs) -> Result<(Tensor, Tensor)> {
     Ok((out.last_hidden_state, pooled))
 }
 
-/// The values as f64 on the host.
+/// The values as f64 on the host (moved first: Metal has no f64).
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+/// The larger of two differences, NaN if either is (`f64::max` would drop a NaN).
+fn larger(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// `[batch, seq, hidden]` states with padded positions (mask 0) set to zero.
@@ -195,11 +209,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     );
     Ok(a.iter().zip(&b).fold(0f64, |worst, (x, y)| {
         let diff = (x - y).abs();
-        if diff.is_finite() {
-            worst.max(diff)
-        } else {
-            f64::NAN
-        }
+        larger(worst, if diff.is_finite() { diff } else { f64::NAN })
     }))
 }
 
@@ -258,9 +268,11 @@ mod tests {
     #[test]
     fn non_finite_values_fail() {
         let good = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
-        let bad = Tensor::new(&[[1f32, f32::NAN]], &Device::Cpu).unwrap();
+        // The NaN first: a later finite difference must not hide it.
+        let bad = Tensor::new(&[[f32::NAN, 2.0]], &Device::Cpu).unwrap();
         let ones = Tensor::ones_like(&good).unwrap();
         assert!(max_abs_diff(&bad, &good).unwrap().is_nan());
+        assert!(larger(larger(0.0, f64::NAN), 1e-6).is_nan());
         assert!(finite_cosine(&bad, &good, &ones).unwrap().is_nan());
         let check = |value| Check {
             name: "x".into(),
