@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use bert::{DType, Device, ModelFiles, ModelSource, Tensor};
+use bert::{Device, ModelFiles, ModelSource, Tensor};
 
 /// `tests/fixtures/`, written by `tests/scripts/generate_fixtures.py`.
 pub fn fixtures_dir() -> PathBuf {
@@ -30,7 +30,6 @@ pub fn minilm_files() -> ModelFiles {
         .unwrap_or_else(|e| panic!("cannot fetch the default model: {e}"))
 }
 
-/// The values as f64 (exact for every float dtype).
 /// all-MiniLM-L6-v2 with a fixture classification head (seeded random, `num_labels` 1 or 3):
 /// the base from the carrier, the head's config and weights from tests/fixtures/minilm.
 pub fn minilm_classifier_files(num_labels: usize) -> ModelFiles {
@@ -39,38 +38,25 @@ pub fn minilm_classifier_files(num_labels: usize) -> ModelFiles {
         .with_extra_weights(fixture("minilm").join(format!("classifier-{num_labels}.safetensors")))
 }
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("tensor converts to f64")
-}
-
-/// Largest element-wise difference (a NaN anywhere counts as infinite); panics on a shape
-/// mismatch.
+/// Largest element-wise difference, a NaN or infinity anywhere counting as infinite (so
+/// "moved" checks see it as a change and "close" checks fail); panics on a shape mismatch.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    flat(a)
-        .iter()
-        .zip(flat(b))
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0,
-            |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
-        )
+    let diff = bert::compare::max_abs_diff(a, b).unwrap_or_else(|e| panic!("{e}"));
+    if diff.is_nan() {
+        f64::INFINITY
+    } else {
+        diff
+    }
 }
 
-/// Cosine similarity of two tensors taken as flat vectors.
+/// Cosine similarity of two tensors taken as flat vectors (NaN if either is not finite).
 pub fn cosine(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (flat(a), flat(b));
-    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    dot / (norm(&a) * norm(&b))
+    bert::compare::cosine(a, b).expect("tensors convert to f64")
 }
 
 /// Whether every element is finite.
 pub fn all_finite(t: &Tensor) -> bool {
-    flat(t).iter().all(|x| x.is_finite())
+    bert::compare::all_finite(t).expect("tensor converts to f64")
 }
 
 /// Asserts `actual` is within `tolerance` of `expected` element-wise.
@@ -100,24 +86,12 @@ pub fn row(t: &Tensor, row: usize, length: usize) -> Tensor {
 
 /// The number of real tokens of each row of a 0/1 attention mask.
 pub fn lengths(attention_mask: &Tensor) -> Vec<usize> {
-    attention_mask
-        .to_dtype(DType::F32)
-        .and_then(|m| m.sum(1))
-        .and_then(|s| s.to_vec1::<f32>())
-        .expect("mask sums")
-        .into_iter()
-        .map(|s| s as usize)
-        .collect()
+    bert::compare::lengths(attention_mask).expect("mask sums")
 }
 
-/// `[batch, seq, hidden]` states with the positions a 0/1 `attention_mask` marks as padding set
-/// to zero, so comparisons look at real tokens only.
+/// `[batch, seq, hidden]` states with padded positions zeroed ([`bert::compare::real_tokens`]).
 pub fn real_tokens(states: &Tensor, attention_mask: &Tensor) -> Tensor {
-    let mask = attention_mask
-        .to_dtype(states.dtype())
-        .and_then(|m| m.unsqueeze(2))
-        .expect("mask converts");
-    states.broadcast_mul(&mask).expect("mask matches states")
+    bert::compare::real_tokens(states, attention_mask).expect("mask matches states")
 }
 
 /// Asserts a gradient matches a reference within 1e-4 of the reference's largest magnitude,

@@ -99,6 +99,10 @@ pub enum Error {
     #[error("tokenization: {0}")]
     Tokenize(String),
 
+    /// A self-check could not run: its reference lacks a tensor, or the model an output.
+    #[error("selftest: {0}")]
+    SelfTest(String),
+
     /// The tensor backend failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -24,6 +24,7 @@
 
 pub mod allocator;
 pub mod checkpoint;
+pub mod compare;
 pub mod device;
 pub mod error;
 pub mod limits;
@@ -32,6 +33,7 @@ pub mod lora;
 pub mod manifest;
 pub mod pairs;
 pub mod pipeline;
+pub mod selftest;
 pub mod source;
 pub mod tokenize;
 

@@ -603,7 +603,7 @@ fn run_selftest(args: SelftestArgs) -> Result<()> {
         device_name(&device),
         bert::DEFAULT_MODEL
     );
-    let checks = selftest::run(&files, &device, &selftest::fixture()?)?;
+    let checks = bert::selftest::run(&files, &device, &selftest::fixture()?)?;
     for check in &checks {
         println!("  {}", check.line());
     }

@@ -1,0 +1,205 @@
+//! The parity fixtures run on a chosen device, so a build can be checked where it runs (a GPU
+//! machine, a user's laptop) without the test suite or Python. `bert selftest` is its command.
+//!
+//! The reference is what HF transformers computed for all-MiniLM-L6-v2 on five single texts and
+//! four sentence pairs, each set padded into one batch (`tests/fixtures/minilm/outputs.safetensors`,
+//! written by `tests/scripts/generate_fixtures.py`; the CLI compiles it in, a program can load
+//! it with `candle_core::safetensors::load`). Checks, per batch:
+//! - f32: `last_hidden_state` on real tokens and `pooler_output` within [`F32_LIMIT`] of
+//!   transformers (TF32 off on CUDA, so f32 matmuls stay f32);
+//! - f16 and bf16: every output finite, and cosine >= [`HALF_COSINE`] to our f32 result;
+//! - each text alone equals its row of the padded batch (f32), within [`F32_LIMIT`].
+//!
+//! Padded positions are left out of value comparisons for the reason `tests/tests/parity_minilm.rs`
+//! gives (transformers' own f32 states there are ill-conditioned), but must still be finite.
+//!
+//! ```no_run
+//! use std::collections::HashMap;
+//! use bert::{selftest, Device, ModelSource};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let files = bert::DEFAULT_MODEL.parse::<ModelSource>()?.fetch()?;
+//! let expected: HashMap<_, _> = candle_core::safetensors::load(
+//!     "tests/fixtures/minilm/outputs.safetensors",
+//!     &Device::Cpu,
+//! )?;
+//! let checks = selftest::run(&files, &Device::Cpu, &expected)?;
+//! assert!(checks.iter().all(|check| check.passed()));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::compare::{cosine, larger, lengths, max_abs_diff, real_tokens};
+use crate::{load, BertInputs, BertModel, Error, ForwardOptions, ModelFiles, Result};
+
+/// Largest element-wise difference allowed in f32, against transformers and batched vs alone.
+pub const F32_LIMIT: f64 = 1e-4;
+/// Smallest cosine allowed between a half-precision result and the f32 one.
+pub const HALF_COSINE: f64 = 0.999;
+
+/// One check's outcome.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was compared, e.g. `pair f16 pooler_output`.
+    pub name: String,
+    /// The measured value: a max |difference| or a cosine (NaN when something was not finite).
+    pub value: f64,
+    /// The limit the value is held to.
+    pub limit: Limit,
+}
+
+/// How a check's value is judged.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// A max |difference| at most this.
+    AtMost(f64),
+    /// A cosine at least this, every value finite.
+    AtLeast(f64),
+}
+
+impl Check {
+    /// Whether the value is within its limit (a NaN never is).
+    pub fn passed(&self) -> bool {
+        match self.limit {
+            Limit::AtMost(limit) => self.value <= limit,
+            Limit::AtLeast(limit) => self.value >= limit,
+        }
+    }
+
+    /// One line of the report.
+    pub fn line(&self) -> String {
+        let (measured, limit) = match self.limit {
+            Limit::AtMost(limit) => (
+                format!("max |diff| {:.2e}", self.value),
+                format!("<= {limit:.0e}"),
+            ),
+            Limit::AtLeast(limit) => (format!("cosine {:.6}", self.value), format!(">= {limit}")),
+        };
+        let verdict = if self.passed() { "ok" } else { "FAILED" };
+        format!("{:<46} {measured:>19}  {limit:<9} {verdict}", self.name)
+    }
+}
+
+/// Runs every check of all-MiniLM-L6-v2 (`files`) on `device` against `expected` (the fixture's
+/// tensors, or a changed copy of them).
+pub fn run(
+    files: &ModelFiles,
+    device: &Device,
+    expected: &HashMap<String, Tensor>,
+) -> Result<Vec<Check>> {
+    // The fixture is f32 arithmetic; TF32 would round matmul inputs to 10 mantissa bits.
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    let model = |dtype| -> Result<BertModel> { Ok(load::<BertModel>(files, dtype, device)?.model) };
+    let f32_model = model(DType::F32)?;
+    let half_models = [
+        (DType::F16, model(DType::F16)?),
+        (DType::BF16, model(DType::BF16)?),
+    ];
+    let tensor = |name: &str| -> Result<Tensor> {
+        let t = expected
+            .get(name)
+            .ok_or_else(|| Error::SelfTest(format!("the reference has no tensor {name}")))?;
+        Ok(t.to_device(device)?)
+    };
+
+    let mut checks = Vec::new();
+    for batch in ["single", "pair"] {
+        let ids = tensor(&format!("{batch}.input_ids"))?;
+        let mask = tensor(&format!("{batch}.attention_mask"))?;
+        let types = tensor(&format!("{batch}.token_type_ids"))?;
+        let inputs = BertInputs::new(&ids)
+            .with_attention_mask(&mask)
+            .with_token_type_ids(&types);
+        let (hidden, pooled) = encode(&f32_model, &inputs)?;
+        let want_hidden = tensor(&format!("{batch}.last_hidden_state"))?;
+        let want_pooled = tensor(&format!("{batch}.pooler_output"))?;
+        checks.push(Check {
+            name: format!("{batch} f32 last_hidden_state vs transformers"),
+            value: max_abs_diff(
+                &real_tokens(&hidden, &mask)?,
+                &real_tokens(&want_hidden, &mask)?,
+            )?,
+            limit: Limit::AtMost(F32_LIMIT),
+        });
+        checks.push(Check {
+            name: format!("{batch} f32 pooler_output vs transformers"),
+            value: max_abs_diff(&pooled, &want_pooled)?,
+            limit: Limit::AtMost(F32_LIMIT),
+        });
+
+        for (dtype, half_model) in &half_models {
+            let (half_hidden, half_pooled) = encode(half_model, &inputs)?;
+            let name = format!("{dtype:?}").to_lowercase();
+            // Masking keeps a non-finite padded value visible (as NaN), so the cosine, which
+            // is NaN on any non-finite value, also checks that padding stayed finite.
+            checks.push(Check {
+                name: format!("{batch} {name} last_hidden_state vs f32"),
+                value: cosine(
+                    &real_tokens(&half_hidden, &mask)?,
+                    &real_tokens(&hidden, &mask)?,
+                )?,
+                limit: Limit::AtLeast(HALF_COSINE),
+            });
+            checks.push(Check {
+                name: format!("{batch} {name} pooler_output vs f32"),
+                value: cosine(&half_pooled, &pooled)?,
+                limit: Limit::AtLeast(HALF_COSINE),
+            });
+        }
+
+        // Each row alone, cut to its real tokens, against its row of the padded batch.
+        let mut worst = 0f64;
+        for (row, length) in lengths(&mask)?.into_iter().enumerate() {
+            let cut = |t: &Tensor| t.narrow(0, row, 1)?.narrow(1, 0, length);
+            let (ids, mask, types) = (cut(&ids)?, cut(&mask)?, cut(&types)?);
+            let alone = BertInputs::new(&ids)
+                .with_attention_mask(&mask)
+                .with_token_type_ids(&types);
+            let (alone_hidden, alone_pooled) = encode(&f32_model, &alone)?;
+            let batched = hidden.narrow(0, row, 1)?.narrow(1, 0, length)?;
+            worst = larger(worst, max_abs_diff(&alone_hidden, &batched)?);
+            worst = larger(
+                worst,
+                max_abs_diff(&alone_pooled, &pooled.narrow(0, row, 1)?)?,
+            );
+        }
+        checks.push(Check {
+            name: format!("{batch} f32 each text alone vs batched"),
+            value: worst,
+            limit: Limit::AtMost(F32_LIMIT),
+        });
+    }
+    Ok(checks)
+}
+
+fn encode(model: &BertModel, inputs: &BertInputs) -> Result<(Tensor, Tensor)> {
+    let out = model.forward(inputs, &ForwardOptions::inference())?;
+    let pooled = out.pooler_output.ok_or_else(|| {
+        Error::SelfTest("the model has no pooler, but the reference checks one".into())
+    })?;
+    Ok((out.last_hidden_state, pooled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_or_a_short_value_fails_its_check() {
+        let check = |value, limit| Check {
+            name: "x".into(),
+            value,
+            limit,
+        };
+        assert!(!check(f64::NAN, Limit::AtLeast(HALF_COSINE)).passed());
+        assert!(!check(f64::NAN, Limit::AtMost(F32_LIMIT)).passed());
+        assert!(!check(0.998, Limit::AtLeast(HALF_COSINE)).passed());
+        assert!(check(1.0, Limit::AtLeast(HALF_COSINE)).passed());
+        assert!(!check(2e-4, Limit::AtMost(F32_LIMIT)).passed());
+        assert!(check(0.0, Limit::AtMost(F32_LIMIT)).passed());
+    }
+}
