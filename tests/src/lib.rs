@@ -105,3 +105,56 @@ pub fn assert_gradient_close(name: &str, ours: &Tensor, expected: &Tensor) {
         "{name}: max abs diff {diff:e} (max |grad| {scale:e})"
     );
 }
+
+/// The GPU attention kernel (`crates/embeddings/src/cuda/flash_attention.cu`) run on the CPU
+/// under `tests/cuda_emulation/` (compiled by `build.rs`), element type f32.
+pub mod cuda_emulation {
+    extern "C" {
+        fn emulated_flash_attention(
+            qkv: *const f32,
+            bias: *const f32,
+            out: *mut f32,
+            batch: i32,
+            seq: i32,
+            heads: i32,
+            head_dim: i32,
+            scale: f32,
+        ) -> i32;
+    }
+
+    /// The kernel's context `[batch, seq, heads * head_dim]` (flat) for the packed
+    /// `qkv: [batch, seq, 3 * heads * head_dim]` and an optional `[batch, seq]` key bias, with
+    /// the scale `1 / sqrt(head_dim)`; `None` for a head size the kernel is not built for.
+    pub fn flash_attention(
+        qkv: &[f32],
+        bias: Option<&[f32]>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Option<Vec<f32>> {
+        let hidden = heads * head_dim;
+        assert_eq!(qkv.len(), batch * seq * 3 * hidden, "qkv size");
+        if let Some(bias) = bias {
+            assert_eq!(bias.len(), batch * seq, "bias size");
+        }
+        let mut out = vec![f32::NAN; batch * seq * hidden];
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
+        // SAFETY: the sizes were checked above; the kernel reads qkv and bias within them and
+        // writes out within [batch, seq, hidden].
+        let status = unsafe {
+            emulated_flash_attention(
+                qkv.as_ptr(),
+                bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+                out.as_mut_ptr(),
+                to_i32(batch),
+                to_i32(seq),
+                to_i32(heads),
+                to_i32(head_dim),
+                scale,
+            )
+        };
+        (status == 0).then_some(out)
+    }
+}

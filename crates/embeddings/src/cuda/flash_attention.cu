@@ -1,0 +1,214 @@
+// Fused multi-head attention for BERT inference on NVIDIA GPUs, in f16 and bf16.
+//
+// softmax(Q K^T * scale + bias) V for every (sequence, head), read straight from the packed
+// output of the one QKV projection ([batch, seq, 3 * hidden]: query, key and value columns side
+// by side, head h at columns h * D .. h * D + D of each), written as the context
+// [batch, seq, hidden] that the output projection reads. Flash-style (Dao et al. 2022): keys
+// and values stream through shared memory in tiles; each query row keeps a running maximum and
+// sum (online softmax, in f32), so the [seq, seq] scores and probabilities never exist in
+// global memory. Products run on tensor cores (WMMA 16x16x16, f32 accumulation).
+//
+// Layout of a block: 4 warps, 64 queries of one (sequence, head); each warp owns 16 query rows,
+// its own score, probability and output tiles in shared memory. Within a warp, lanes 2r and
+// 2r + 1 share row r, each taking half of the row's keys (softmax) and of its columns
+// (rescaling and writing the output).
+//
+// The bias is BERT's additive padding mask, one f32 per key of each sequence (0 or
+// f32::MIN, as transformers' get_extended_attention_mask), shared by heads and queries; it
+// may be null. Keys past the sequence's end in the last tile score -inf.
+//
+// The same source builds under a CPU emulation of the CUDA primitives it uses
+// (tests/cuda_emulation/), which checks its indexing and softmax against the plain path in
+// the test suite. Only the two WMMA tile products differ there: they are CUDA-only below.
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace bert_flash {
+
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int ROWS_PER_WARP = 16;
+constexpr int BLOCK_QUERIES = WARPS * ROWS_PER_WARP;
+constexpr int BLOCK_KEYS = 32;
+
+#ifdef __CUDACC__
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// s[16 x BLOCK_KEYS] = q[16 x D] k[BLOCK_KEYS x D]^T; row-major, leading dimensions D, D and
+// BLOCK_KEYS. Warp-collective.
+template <typename T, int D>
+__device__ __forceinline__ void scores_tile(const T* q, const T* k, float* s) {
+  using namespace nvcuda;
+#pragma unroll
+  for (int n = 0; n < BLOCK_KEYS; n += 16) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int d = 0; d < D; d += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      // Column-major B(d', n') = k[(n + n') * D + d + d']: the keys' rows are K^T's columns.
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::load_matrix_sync(a, q + d, D);
+      wmma::load_matrix_sync(b, k + n * D + d, D);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(s + n, acc, BLOCK_KEYS, wmma::mem_row_major);
+  }
+}
+
+// o[16 x D] += p[16 x BLOCK_KEYS] v[BLOCK_KEYS x D]; row-major, leading dimensions D,
+// BLOCK_KEYS and D. Warp-collective.
+template <typename T, int D>
+__device__ __forceinline__ void context_tile(const T* p, const T* v, float* o) {
+  using namespace nvcuda;
+#pragma unroll
+  for (int n = 0; n < D; n += 16) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(acc, o + n, D, wmma::mem_row_major);
+#pragma unroll
+    for (int k = 0; k < BLOCK_KEYS; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      wmma::load_matrix_sync(a, p + k, BLOCK_KEYS);
+      wmma::load_matrix_sync(b, v + k * D + n, D);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(o + n, acc, D, wmma::mem_row_major);
+  }
+}
+#endif
+
+// rows x D elements of tokens first.. (stride row_stride elements) into dst (leading dimension
+// D), 16 bytes per load; tokens at or past seq read as zeros. Block-collective.
+template <typename T, int D>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int first, int rows, int seq,
+                                          int row_stride) {
+  constexpr int CHUNK = 16 / sizeof(T);
+  constexpr int CHUNKS_PER_ROW = D / CHUNK;
+  for (int i = threadIdx.x; i < rows * CHUNKS_PER_ROW; i += THREADS) {
+    const int row = i / CHUNKS_PER_ROW;
+    const int column = (i % CHUNKS_PER_ROW) * CHUNK;
+    const int token = first + row;
+    uint4 value = make_uint4(0, 0, 0, 0);
+    if (token < seq) {
+      value = *reinterpret_cast<const uint4*>(src + (size_t)token * row_stride + column);
+    }
+    *reinterpret_cast<uint4*>(dst + row * D + column) = value;
+  }
+}
+
+// One block: queries blockIdx.x * BLOCK_QUERIES .. of head blockIdx.y of sequence blockIdx.z.
+template <typename T, int D>
+__device__ __forceinline__ void attention(const T* __restrict__ qkv,
+                                          const float* __restrict__ bias, T* __restrict__ out,
+                                          int seq, int heads, float scale) {
+  static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
+  const int hidden = heads * D;
+  const int row_stride = 3 * hidden;
+  const int sequence = blockIdx.z;
+  const int head = blockIdx.y;
+  const int first_query = blockIdx.x * BLOCK_QUERIES;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  __shared__ __align__(32) T q_tile[BLOCK_QUERIES * D];
+  __shared__ __align__(32) T k_tile[BLOCK_KEYS * D];
+  __shared__ __align__(32) T v_tile[BLOCK_KEYS * D];
+  __shared__ __align__(32) float s_tiles[WARPS][ROWS_PER_WARP * BLOCK_KEYS];
+  __shared__ __align__(32) T p_tiles[WARPS][ROWS_PER_WARP * BLOCK_KEYS];
+  __shared__ __align__(32) float o_tiles[WARPS][ROWS_PER_WARP * D];
+  __shared__ float key_bias[BLOCK_KEYS];
+  // Each lane's partial maximum or sum, read by its partner lane (lane ^ 1).
+  __shared__ float partials[WARPS][32];
+
+  const T* tokens = qkv + (size_t)sequence * seq * row_stride + head * D;
+  load_rows<T, D>(q_tile, tokens, first_query, BLOCK_QUERIES, seq, row_stride);
+  float* o_tile = o_tiles[warp];
+  for (int i = lane; i < ROWS_PER_WARP * D; i += 32) o_tile[i] = 0.0f;
+
+  const int row = lane / 2;
+  const int half = lane % 2;
+  float* s_row = s_tiles[warp] + row * BLOCK_KEYS + half * (BLOCK_KEYS / 2);
+  T* p_row = p_tiles[warp] + row * BLOCK_KEYS + half * (BLOCK_KEYS / 2);
+  const float* bias_half = key_bias + half * (BLOCK_KEYS / 2);
+  float* o_row = o_tile + row * D + half * (D / 2);
+  float row_max = -INFINITY;
+  float row_sum = 0.0f;
+
+  for (int first_key = 0; first_key < seq; first_key += BLOCK_KEYS) {
+    __syncthreads();  // every warp is done with the previous tile's keys and values
+    load_rows<T, D>(k_tile, tokens + hidden, first_key, BLOCK_KEYS, seq, row_stride);
+    load_rows<T, D>(v_tile, tokens + 2 * hidden, first_key, BLOCK_KEYS, seq, row_stride);
+    for (int j = threadIdx.x; j < BLOCK_KEYS; j += THREADS) {
+      const int key = first_key + j;
+      key_bias[j] = key >= seq ? -INFINITY : bias ? bias[(size_t)sequence * seq + key] : 0.0f;
+    }
+    __syncthreads();
+
+    scores_tile<T, D>(q_tile + warp * ROWS_PER_WARP * D, k_tile, s_tiles[warp]);
+    __syncwarp();
+
+    // The tile's maximum of this row: this lane's half, then its partner's.
+    float tile_max = -INFINITY;
+    for (int j = 0; j < BLOCK_KEYS / 2; ++j) {
+      const float x = s_row[j] * scale + bias_half[j];
+      s_row[j] = x;
+      tile_max = fmaxf(tile_max, x);
+    }
+    partials[warp][lane] = tile_max;
+    __syncwarp();
+    tile_max = fmaxf(tile_max, partials[warp][lane ^ 1]);
+    // Finite: the tile's first key is a real one, and its row pair covers it.
+    const float new_max = fmaxf(row_max, tile_max);
+    const float correction = expf(row_max - new_max);  // 0 on the first tile
+    float part = 0.0f;
+    for (int j = 0; j < BLOCK_KEYS / 2; ++j) {
+      const float p = expf(s_row[j] - new_max);
+      p_row[j] = from_float<T>(p);
+      part += p;
+    }
+    __syncwarp();  // the partner has read this lane's maximum
+    partials[warp][lane] = part;
+    __syncwarp();
+    row_sum = row_sum * correction + part + partials[warp][lane ^ 1];
+    row_max = new_max;
+    for (int c = 0; c < D / 2; ++c) o_row[c] *= correction;
+    __syncwarp();
+
+    context_tile<T, D>(p_tiles[warp], v_tile, o_tile);
+    __syncwarp();
+  }
+
+  const int query = first_query + warp * ROWS_PER_WARP + row;
+  if (query < seq) {
+    const float inverse = 1.0f / row_sum;
+    T* dst = out + ((size_t)sequence * seq + query) * hidden + head * D + half * (D / 2);
+    for (int c = 0; c < D / 2; ++c) dst[c] = from_float<T>(o_row[c] * inverse);
+  }
+}
+
+}  // namespace bert_flash
+
+#ifdef __CUDACC__
+// Launch with grid (ceil(seq / 64), heads, batch) and 128 threads; no dynamic shared memory.
+#define BERT_FLASH_ATTENTION(NAME, T, D)                                                      \
+  extern "C" __global__ void __launch_bounds__(bert_flash::THREADS)                          \
+      NAME(const T* qkv, const float* bias, T* out, int seq, int heads, float scale) {        \
+    bert_flash::attention<T, D>(qkv, bias, out, seq, heads, scale);                           \
+  }
+
+BERT_FLASH_ATTENTION(flash_attention_f16_d32, __half, 32)
+BERT_FLASH_ATTENTION(flash_attention_f16_d64, __half, 64)
+BERT_FLASH_ATTENTION(flash_attention_bf16_d32, __nv_bfloat16, 32)
+BERT_FLASH_ATTENTION(flash_attention_bf16_d64, __nv_bfloat16, 64)
+#endif

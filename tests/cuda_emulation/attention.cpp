@@ -1,0 +1,82 @@
+// The fused attention kernel's source under the CPU emulation (emulate.h), launched over the
+// same grid as on the GPU. Called from the test suite (tests/src/lib.rs, cuda_emulation).
+#include "emulate.h"
+
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "../../crates/embeddings/src/cuda/flash_attention.cu"
+
+namespace bert_flash {
+template <>
+float from_float<float>(float x) {
+  return x;
+}
+
+template <typename T, int D>
+void scores_tile(const T* q, const T* k, float* s) {
+  if (threadIdx.x % 32 != 0) return;
+  for (int m = 0; m < ROWS_PER_WARP; ++m)
+    for (int n = 0; n < BLOCK_KEYS; ++n) {
+      float dot = 0.0f;
+      for (int d = 0; d < D; ++d) dot += q[m * D + d] * k[n * D + d];
+      s[m * BLOCK_KEYS + n] = dot;
+    }
+}
+
+template <typename T, int D>
+void context_tile(const T* p, const T* v, float* o) {
+  if (threadIdx.x % 32 != 0) return;
+  for (int m = 0; m < ROWS_PER_WARP; ++m)
+    for (int n = 0; n < D; ++n) {
+      float sum = o[m * D + n];
+      for (int k = 0; k < BLOCK_KEYS; ++k) sum += p[m * BLOCK_KEYS + k] * v[k * D + n];
+      o[m * D + n] = sum;
+    }
+}
+}  // namespace bert_flash
+
+template <int D>
+static void launch(const float* qkv, const float* bias, float* out, int batch, int seq, int heads,
+                   float scale) {
+  using namespace bert_flash;
+  const int query_blocks = (seq + BLOCK_QUERIES - 1) / BLOCK_QUERIES;
+  for (int z = 0; z < batch; ++z)
+    for (int y = 0; y < heads; ++y)
+      for (int x = 0; x < query_blocks; ++x) {
+        std::barrier<> block(THREADS);
+        std::vector<std::unique_ptr<std::barrier<>>> warps;
+        std::vector<std::barrier<>*> warp_pointers;
+        for (int w = 0; w < WARPS; ++w) {
+          warps.push_back(std::make_unique<std::barrier<>>(32));
+          warp_pointers.push_back(warps.back().get());
+        }
+        emulation::block_barrier = &block;
+        emulation::warp_barriers = warp_pointers.data();
+        std::vector<std::thread> threads;
+        for (int t = 0; t < THREADS; ++t)
+          threads.emplace_back([=] {
+            emulation::thread_index = {t, 0, 0};
+            emulation::block_index = {x, y, z};
+            attention<float, D>(qkv, bias, out, seq, heads, scale);
+          });
+        for (auto& thread : threads) thread.join();
+      }
+}
+
+// qkv: [batch, seq, 3 * heads * head_dim]; bias: [batch, seq] or null; out: [batch, seq,
+// heads * head_dim]. Returns 0, or 1 for a head_dim the kernel is not built for.
+extern "C" int emulated_flash_attention(const float* qkv, const float* bias, float* out, int batch,
+                                        int seq, int heads, int head_dim, float scale) {
+  switch (head_dim) {
+    case 32:
+      launch<32>(qkv, bias, out, batch, seq, heads, scale);
+      return 0;
+    case 64:
+      launch<64>(qkv, bias, out, batch, seq, heads, scale);
+      return 0;
+    default:
+      return 1;
+  }
+}

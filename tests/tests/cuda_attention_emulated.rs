@@ -1,0 +1,98 @@
+//! The GPU attention kernel's logic, checked without a GPU: its CUDA source, built under the
+//! CPU emulation of `tests/cuda_emulation/` (f32 elements, plain loops for the tensor-core
+//! tile products), against the plain path written with candle's ops in f64. Covers one and
+//! several key tiles, partial query and key tiles, both head sizes, padded keys and no bias.
+
+use bert::bert_embeddings::nn::SplitMix64;
+use bert::{Device, Tensor};
+use bert_tests::cuda_emulation::flash_attention;
+
+/// softmax(q k^T / sqrt(d) + bias) v per head, in f64, from the packed `[batch, seq, 3 * hidden]`.
+fn plain_attention(
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    (batch, seq, heads, head_dim): (usize, usize, usize, usize),
+) -> Vec<f64> {
+    let hidden = heads * head_dim;
+    let packed = Tensor::from_slice(qkv, (batch, seq, 3 * hidden), &Device::Cpu)
+        .and_then(|t| t.to_dtype(bert::DType::F64))
+        .unwrap();
+    let split = |part: usize| {
+        packed
+            .narrow(2, part * hidden, hidden)
+            .and_then(|t| t.reshape((batch, seq, heads, head_dim)))
+            .and_then(|t| t.transpose(1, 2))
+            .and_then(|t| t.contiguous())
+            .unwrap()
+    };
+    let (q, k, v) = (split(0), split(1), split(2));
+    let scores = q
+        .matmul(&k.t().unwrap())
+        .and_then(|s| s * (1.0 / (head_dim as f64).sqrt()))
+        .unwrap();
+    let scores = match bias {
+        Some(bias) => {
+            let bias = Tensor::from_slice(bias, (batch, 1, 1, seq), &Device::Cpu)
+                .and_then(|b| b.to_dtype(bert::DType::F64))
+                .unwrap();
+            scores.broadcast_add(&bias).unwrap()
+        }
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+    probs
+        .matmul(&v)
+        .and_then(|c| c.transpose(1, 2))
+        .and_then(|c| c.reshape((batch, seq, hidden)))
+        .and_then(|c| c.flatten_all())
+        .and_then(|c| c.to_vec1::<f64>())
+        .unwrap()
+}
+
+#[test]
+fn the_kernel_source_matches_the_plain_path() {
+    let mut rng = SplitMix64(7);
+    // (batch, seq, heads, head_dim), and the real lengths of the sequences when there is a bias.
+    type Case<'a> = ((usize, usize, usize, usize), Option<&'a [usize]>);
+    let cases: [Case; 6] = [
+        ((2, 1, 2, 32), Some(&[1, 1])),
+        ((2, 17, 3, 32), Some(&[17, 9])),
+        ((1, 64, 2, 64), None),
+        ((2, 100, 2, 64), Some(&[100, 40])),
+        ((3, 33, 1, 32), Some(&[33, 1, 32])),
+        ((1, 130, 2, 32), Some(&[130])),
+    ];
+    for (shape, lengths) in cases {
+        let (batch, seq, heads, head_dim) = shape;
+        let hidden = heads * head_dim;
+        // Spread wide enough that the softmax is peaked and the online maximum moves.
+        let qkv: Vec<f32> = (0..batch * seq * 3 * hidden)
+            .map(|_| (2.0 * rng.next_normal()) as f32)
+            .collect();
+        let bias: Option<Vec<f32>> = lengths.map(|lengths| {
+            lengths
+                .iter()
+                .flat_map(|&length| {
+                    (0..seq).map(move |key| if key < length { 0.0 } else { f32::MIN })
+                })
+                .collect()
+        });
+        let ours = flash_attention(&qkv, bias.as_deref(), batch, seq, heads, head_dim)
+            .expect("head size built");
+        let want = plain_attention(&qkv, bias.as_deref(), shape);
+        let worst = ours
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| (a as f64 - b).abs())
+            .fold(
+                0.0,
+                |m: f64, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+            );
+        assert!(worst <= 2e-5, "{shape:?} {lengths:?}: max |diff| {worst:e}");
+    }
+}
+
+#[test]
+fn other_head_sizes_are_refused() {
+    assert!(flash_attention(&[0.0; 3 * 48], None, 1, 1, 1, 48).is_none());
+}
