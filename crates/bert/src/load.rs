@@ -168,7 +168,8 @@ pub struct Loaded<M> {
 /// inference. A LoRA adapter among the files is attached and merged into the weights. On the
 /// CPU each attention block's query, key and value become one projection
 /// ([`BertSelfAttention::fuse_qkv`]) and the linear layers' weights are stored transposed
-/// ([`Linear::use_inference_layout`]), the layout the CPU kernel multiplies by in place.
+/// ([`Linear::use_inference_layout`]), the layout the CPU kernel multiplies by in place. On
+/// CUDA the projections are fused too, for the GPU attention kernel.
 ///
 /// [`Linear::use_inference_layout`]: bert_embeddings::nn::Linear::use_inference_layout
 /// [`BertSelfAttention::fuse_qkv`]: bert_encoder::BertSelfAttention::fuse_qkv
@@ -209,6 +210,13 @@ pub fn load<M: Architecture>(
             model.named_linears("", &mut linears);
             for (_, linear) in linears {
                 linear.pack_for_small_batches()?;
+            }
+        } else if device.is_cuda() {
+            // One QKV matmul, whose packed output the GPU attention kernel reads in place.
+            let mut attentions = Vec::new();
+            model.self_attentions(&mut attentions);
+            for attention in attentions {
+                attention.fuse_qkv()?;
             }
         }
         Ok(model)

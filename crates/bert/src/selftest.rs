@@ -10,6 +10,12 @@
 //! - f16 and bf16: every output finite, and cosine >= [`HALF_COSINE`] to our f32 result;
 //! - each text alone equals its row of the padded batch (f32), within [`F32_LIMIT`].
 //!
+//! Where the build has the GPU's fused attention kernel and `device` is CUDA, also, per half
+//! dtype: the model with the kernel against the model on the plain path (cosine >=
+//! [`HALF_COSINE`]), and the kernel alone on random inputs (both head sizes it is built for,
+//! a padded sequence) against the CPU's exact f32 attention on the same inputs (cosine >=
+//! [`KERNEL_COSINE`]).
+//!
 //! Padded positions are left out of value comparisons for the reason `tests/tests/parity_minilm.rs`
 //! gives (transformers' own f32 states there are ill-conditioned), but must still be finite.
 //!
@@ -40,6 +46,11 @@ use crate::{load, BertInputs, BertModel, Error, ForwardOptions, ModelFiles, Resu
 pub const F32_LIMIT: f64 = 1e-4;
 /// Smallest cosine allowed between a half-precision result and the f32 one.
 pub const HALF_COSINE: f64 = 0.999;
+
+/// Smallest cosine allowed between the GPU attention kernel and the exact attention on the
+/// same half-precision inputs: only the rounding of its probabilities to f16/bf16 separates
+/// them (a relative 2^-9 at most), while an indexing slip costs far more.
+pub const KERNEL_COSINE: f64 = 0.9999;
 
 /// One check's outcome.
 #[derive(Debug, Clone)]
@@ -151,6 +162,24 @@ pub fn run(
             });
         }
 
+        if device.is_cuda() && bert_embeddings::nn::gpu_fused_attention_built() {
+            for (dtype, half_model) in &half_models {
+                bert_embeddings::nn::set_gpu_fused_attention(false);
+                let plain = encode(half_model, &inputs);
+                bert_embeddings::nn::set_gpu_fused_attention(true);
+                let (plain_hidden, _) = plain?;
+                let (fused_hidden, _) = encode(half_model, &inputs)?;
+                checks.push(Check {
+                    name: format!("{batch} {dtype:?} fused attention vs plain path").to_lowercase(),
+                    value: cosine(
+                        &real_tokens(&fused_hidden, &mask)?,
+                        &real_tokens(&plain_hidden, &mask)?,
+                    )?,
+                    limit: Limit::AtLeast(HALF_COSINE),
+                });
+            }
+        }
+
         // Each row alone, cut to its real tokens, against its row of the padded batch.
         let mut worst = 0f64;
         for (row, length) in lengths(&mask)?.into_iter().enumerate() {
@@ -173,7 +202,44 @@ pub fn run(
             limit: Limit::AtMost(F32_LIMIT),
         });
     }
+    if device.is_cuda() && bert_embeddings::nn::gpu_fused_attention_built() {
+        for dtype in [DType::F16, DType::BF16] {
+            for head_dim in [32, 64] {
+                checks.push(attention_kernel_check(device, dtype, head_dim)?);
+            }
+        }
+    }
     Ok(checks)
+}
+
+/// The GPU attention kernel on random `[2, 100, 3 * 12 * head_dim]` inputs in `dtype`, the
+/// second sequence padded after 40 tokens, against the CPU's f32 attention on the same values.
+fn attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Result<Check> {
+    use bert_embeddings::nn::{fused_attention_packed, SplitMix64};
+    let (batch, seq, heads) = (2, 100, 12);
+    let mut rng = SplitMix64(head_dim as u64);
+    let values: Vec<f32> = (0..batch * seq * 3 * heads * head_dim)
+        .map(|_| (2.0 * rng.next_normal()) as f32)
+        .collect();
+    let qkv = Tensor::from_vec(values, (batch, seq, 3 * heads * head_dim), &Device::Cpu)?
+        .to_dtype(dtype)?;
+    let mask: Vec<u32> = (0..batch * seq)
+        .map(|i| u32::from(i < seq || i % seq < 40))
+        .collect();
+    let mask = Tensor::from_vec(mask, (batch, seq), &Device::Cpu)?;
+    let bias = bert_encoder::padding_bias(&mask, batch, seq)?;
+    let attend = |qkv: &Tensor, bias: &Tensor| -> Result<Tensor> {
+        let (context, _) = fused_attention_packed(qkv, heads, Some(bias), false)?
+            .ok_or_else(|| Error::SelfTest(format!("no fused attention for {:?}", qkv.device())))?;
+        Ok(context)
+    };
+    let exact = attend(&qkv.to_dtype(DType::F32)?, &bias)?;
+    let kernel = attend(&qkv.to_device(device)?, &bias.to_device(device)?)?;
+    Ok(Check {
+        name: format!("{dtype:?} attention kernel d{head_dim} vs exact").to_lowercase(),
+        value: cosine(&kernel, &exact)?,
+        limit: Limit::AtLeast(KERNEL_COSINE),
+    })
 }
 
 fn encode(model: &BertModel, inputs: &BertInputs) -> Result<(Tensor, Tensor)> {

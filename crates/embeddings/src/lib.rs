@@ -4,6 +4,8 @@
 //! Most users want the `bert` facade crate, which loads checkpoints and re-exports this one.
 
 pub mod config;
+#[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
+mod cuda_attention;
 pub mod embeddings;
 pub mod error;
 mod kernels;

@@ -638,6 +638,28 @@ pub fn fused_attention(
     Ok(Some((context, probs)))
 }
 
+static GPU_FUSED_ATTENTION: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+
+/// Whether inference attention on a GPU may use the fused kernel (on by default); with it
+/// off, the plain path runs (the matmuls, an f32 softmax, the matmul with the values). For
+/// comparing the two (`bert selftest`) and as an escape hatch. Process-wide.
+pub fn set_gpu_fused_attention(enabled: bool) {
+    GPU_FUSED_ATTENTION.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_gpu_fused_attention`].
+pub fn gpu_fused_attention() -> bool {
+    GPU_FUSED_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this build has the fused attention kernel for the GPU: the `cuda` feature, built for
+/// a compute capability of 8.0 or newer. It runs for f16 and bf16 models with 32- or 64-wide
+/// heads, in inference, when the attention probabilities are not asked for.
+pub fn gpu_fused_attention_built() -> bool {
+    cfg!(all(feature = "cuda", not(bert_no_flash_attention)))
+}
+
 /// [`fused_attention`] for inference over the packed output of one QKV projection,
 /// `qkv: [batch, seq, 3 * hidden]` (query, key, value columns side by side), read in place.
 /// `None` when the kernel does not apply (as for [`fused_attention`]) or `qkv` tracks a
@@ -651,6 +673,12 @@ pub fn fused_attention_packed(
     let (batch, seq, packed) = qkv.dims3()?;
     if packed % 3 != 0 || qkv.track_op() {
         return Ok(None);
+    }
+    #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
+    if !want_probs && gpu_fused_attention() {
+        if let Some(context) = crate::cuda_attention::packed_attention(qkv, heads, bias)? {
+            return Ok(Some((context, None)));
+        }
     }
     let hidden = packed / 3;
     let Some(bias) = attention_kernel_bias(qkv, batch, seq, hidden, heads, bias)? else {

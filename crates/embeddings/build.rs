@@ -1,0 +1,54 @@
+//! With the `cuda` feature: compiles the fused attention kernel (src/cuda/flash_attention.cu)
+//! to PTX with nvcc, for the compute capability in `CUDA_COMPUTE_CAP` (as candle's own kernels
+//! are built; e.g. 90 for H100/H200). Its tensor-core tiles need 8.0 or newer; below that the
+//! kernel is left out (cfg `bert_no_flash_attention`) and attention takes the plain path.
+//! Without the feature this does nothing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(bert_no_flash_attention)");
+    println!("cargo:rerun-if-changed=src/cuda/flash_attention.cu");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let cap: u32 = match std::env::var("CUDA_COMPUTE_CAP") {
+        Ok(cap) => cap
+            .trim()
+            .replace('.', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("CUDA_COMPUTE_CAP={cap:?} is not a number like 90")),
+        Err(_) => panic!(
+            "the cuda feature needs CUDA_COMPUTE_CAP (e.g. 90 for H100/H200), as candle's kernels do"
+        ),
+    };
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let ptx = out.join("flash_attention.ptx");
+    if cap < 80 {
+        println!(
+            "cargo:warning=CUDA_COMPUTE_CAP {cap} < 80: the fused attention kernel is left out"
+        );
+        println!("cargo:rustc-cfg=bert_no_flash_attention");
+        return;
+    }
+    let nvcc = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CUDA_HOME").map(|home| PathBuf::from(home).join("bin/nvcc")))
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17"])
+        .arg(format!("--gpu-architecture=sm_{cap}"))
+        .arg("-o")
+        .arg(&ptx)
+        .arg("src/cuda/flash_attention.cu")
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    assert!(
+        status.success(),
+        "nvcc failed on src/cuda/flash_attention.cu"
+    );
+}
