@@ -61,10 +61,12 @@ struct InferArgs {
     /// Model (any model source).
     #[arg(long, default_value = bert::DEFAULT_MODEL)]
     model: String,
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    #[arg(long, default_value_t = 128)]
-    seq: usize,
+    /// Batch sizes: every one is run with every --seq, one JSON line each.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    batch: Vec<usize>,
+    /// Sequence lengths (tokens per row, padding included).
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    seq: Vec<usize>,
     /// Untimed passes first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -74,6 +76,16 @@ struct InferArgs {
     /// Which implementation runs: ours (bert-rs) or candle-transformers' BertModel.
     #[arg(long, value_enum, default_value = "bert-rs")]
     implementation: Implementation,
+    /// cpu, cuda, cuda:N or metal (a GPU pass is timed to its end: the device is synchronised).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Pad half of each batch (the odd rows) by a quarter: their last seq/4 positions are
+    /// padding (masked), as in a batch of mixed lengths.
+    #[arg(long)]
+    padded: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -97,47 +109,56 @@ fn main() -> Result<()> {
     }
 }
 
-/// The benchmark batch, the same in every implementation (`compare_inference.py` builds it with
-/// the same formula): `[CLS]` word pieces `[SEP]`, every position a real token, one segment.
-fn benchmark_ids(batch: usize, seq: usize) -> Vec<u32> {
-    (0..batch)
+/// The benchmark batch, the same in every implementation (`compare_inference.py` and
+/// `compare_gpu.py` build it with the same formula): `[CLS]` word pieces `[SEP]`, one segment;
+/// with `padded`, the odd rows end early (`[SEP]` at 3/4 of the row, then `[PAD]` = 0).
+/// Returns the ids and the 0/1 attention mask.
+fn benchmark_batch(batch: usize, seq: usize, padded: bool) -> (Vec<u32>, Vec<u32>) {
+    let length = |i: usize| {
+        if padded && i % 2 == 1 {
+            seq - seq / 4
+        } else {
+            seq
+        }
+    };
+    let ids = (0..batch)
         .flat_map(|i| {
             (0..seq).map(move |j| match j {
                 0 => 101,
-                _ if j == seq - 1 => 102,
+                _ if j == length(i) - 1 => 102,
+                _ if j >= length(i) => 0,
                 _ => 1000 + ((i * 131 + j * 7919) % 28000) as u32,
             })
         })
-        .collect()
+        .collect();
+    let mask = (0..batch)
+        .flat_map(|i| (0..seq).map(move |j| u32::from(j < length(i))))
+        .collect();
+    (ids, mask)
 }
 
+/// One forward pass of an implementation: ids, token types, mask to last hidden states.
+type Forward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>>;
+
 fn infer(args: &InferArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let device = args.device.parse::<bert::DeviceSpec>()?.open()?;
+    let dtype = bert::parse_dtype(&args.dtype)?;
     let load_start = Instant::now();
     let files = args
         .model
         .parse::<ModelSource>()?
         .fetch()
         .with_context(|| format!("cannot load {}", args.model))?;
-    let (batch, seq) = (args.batch, args.seq);
-    let input_ids = Tensor::from_vec(benchmark_ids(batch, seq), (batch, seq), &device)?;
-    let token_type_ids = input_ids.zeros_like()?;
-    let attention_mask = input_ids.ones_like()?;
     // Each implementation as a user would call it: ours through its loader (which keeps the
     // pooler; its cost is one 1-row dense per sequence), the peer through candle-nn's
     // memory-mapped VarBuilder.
-    let forward: Box<dyn Fn() -> Result<Tensor>> = match args.implementation {
+    let forward: Forward = match args.implementation {
         Implementation::BertRs => {
-            let model = bert::load::<bert::BertModel>(&files, DType::F32, &device)?.model;
-            let (ids, types, mask) = (
-                input_ids.clone(),
-                token_type_ids.clone(),
-                attention_mask.clone(),
-            );
-            Box::new(move || {
-                let inputs = BertInputs::new(&ids)
-                    .with_attention_mask(&mask)
-                    .with_token_type_ids(&types);
+            let model = bert::load::<bert::BertModel>(&files, dtype, &device)?.model;
+            Box::new(move |ids, types, mask| {
+                let inputs = BertInputs::new(ids)
+                    .with_attention_mask(mask)
+                    .with_token_type_ids(types);
                 Ok(model
                     .forward(&inputs, &ForwardOptions::inference())?
                     .last_hidden_state)
@@ -155,31 +176,52 @@ fn infer(args: &InferArgs) -> Result<()> {
                 anyhow::bail!("the candle-transformers peer reads safetensors weights only");
             }
             // SAFETY: the weight files are not modified while mapped (as candle's examples).
-            let vb = unsafe {
-                candle_nn::VarBuilder::from_mmaped_safetensors(paths, DType::F32, &device)?
-            };
+            let vb =
+                unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(paths, dtype, &device)? };
             let model = peer::BertModel::load(vb, &config)?;
-            let (ids, types, mask) = (
-                input_ids.clone(),
-                token_type_ids.clone(),
-                attention_mask.clone(),
-            );
-            Box::new(move || Ok(model.forward(&ids, &types, Some(&mask))?))
+            Box::new(move |ids, types, mask| Ok(model.forward(ids, types, Some(mask))?))
         }
     };
     let load_s = load_start.elapsed().as_secs_f64();
+    for &batch in &args.batch {
+        for &seq in &args.seq {
+            infer_cell(args, &forward, &device, batch, seq, load_s)?;
+        }
+    }
+    Ok(())
+}
+
+/// Times one (batch, seq) cell and prints its JSON line.
+fn infer_cell(
+    args: &InferArgs,
+    forward: &Forward,
+    device: &Device,
+    batch: usize,
+    seq: usize,
+    load_s: f64,
+) -> Result<()> {
+    anyhow::ensure!(batch > 0 && seq >= 4, "--batch must be >= 1 and --seq >= 4");
+    let (ids, mask) = benchmark_batch(batch, seq, args.padded);
+    let real_tokens: u32 = mask.iter().sum();
+    let input_ids = Tensor::from_vec(ids, (batch, seq), device)?;
+    let attention_mask = Tensor::from_vec(mask, (batch, seq), device)?;
+    let token_type_ids = input_ids.zeros_like()?;
     let mut times = Vec::with_capacity(args.runs);
     let mut hidden = None;
     for run in 0..args.warmup + args.runs {
         let start = Instant::now();
-        let out = forward()?;
+        let out = forward(&input_ids, &token_type_ids, &attention_mask)?;
+        // GPU work is queued: the pass ends when the device is done with it.
+        device.synchronize()?;
         if run >= args.warmup {
             times.push(start.elapsed().as_secs_f64());
         }
         hidden = Some(out);
     }
-    // What the script compares across implementations: they must all compute the same states.
-    let hidden = hidden.context("--warmup + --runs must be at least 1")?;
+    // What the scripts compare across implementations: they must all compute the same states.
+    let hidden = hidden
+        .context("--warmup + --runs must be at least 1")?
+        .to_dtype(DType::F32)?;
     let first_token: Vec<f32> = hidden.get(0)?.get(0)?.narrow(0, 0, 8)?.to_vec1()?;
     let mean_abs = hidden.abs()?.mean_all()?.to_scalar::<f32>()?;
     let median_s = median(times.clone());
@@ -191,13 +233,18 @@ fn infer(args: &InferArgs) -> Result<()> {
                 Implementation::CandleTransformers => "candle-transformers",
             },
             "bench": "infer",
+            "device": args.device,
+            "dtype": args.dtype,
             "batch": batch,
             "seq": seq,
+            "padded": args.padded,
+            "real_tokens": real_tokens,
             "threads": candle_core::utils::get_num_threads(),
             "load_s": load_s,
             "runs_s": times,
             "median_s": median_s,
             "seq_per_s": batch as f64 / median_s,
+            "real_tokens_per_s": real_tokens as f64 / median_s,
             "first_token": first_token,
             "mean_abs": mean_abs,
             "peak_rss_mb": peak_rss_mb(),

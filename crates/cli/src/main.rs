@@ -62,6 +62,14 @@ struct SelftestArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Check this model (any model source) instead of all-MiniLM-L6-v2; needs --reference.
+    #[arg(long, requires = "reference")]
+    model: Option<String>,
+    /// transformers' outputs for --model on the fixture's inputs (safetensors with the names
+    /// of tests/fixtures/minilm/outputs.safetensors, as tests/scripts/gpu/random_checkpoints.py
+    /// writes them); for machines that cannot fetch all-MiniLM-L6-v2.
+    #[arg(long, requires = "model")]
+    reference: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -597,13 +605,24 @@ fn embed(args: EmbedArgs) -> Result<()> {
 
 fn run_selftest(args: SelftestArgs) -> Result<()> {
     let device = args.device.parse::<DeviceSpec>()?.open()?;
-    let files = bert::DEFAULT_MODEL.parse::<ModelSource>()?.fetch()?;
+    let (model, reference) = match (&args.model, &args.reference) {
+        (Some(model), Some(reference)) => {
+            let tensors = candle_core::safetensors::load(reference, &bert::Device::Cpu)
+                .with_context(|| format!("reading {}", reference.display()))?;
+            (model.as_str(), (tensors, reference.display().to_string()))
+        }
+        _ => (
+            bert::DEFAULT_MODEL,
+            (selftest::fixture()?, "tests/fixtures/minilm".to_string()),
+        ),
+    };
+    let files = model.parse::<ModelSource>()?.fetch()?;
     println!(
-        "selftest on {}: {} against HF transformers' outputs (tests/fixtures/minilm)",
+        "selftest on {}: {model} against HF transformers' outputs ({})",
         device_name(&device),
-        bert::DEFAULT_MODEL
+        reference.1
     );
-    let checks = bert::selftest::run(&files, &device, &selftest::fixture()?)?;
+    let checks = bert::selftest::run(&files, &device, &reference.0)?;
     for check in &checks {
         println!("  {}", check.line());
     }

@@ -322,6 +322,25 @@ fn selftest_passes_on_the_cpu_and_names_a_missing_backend() {
     assert!(report.starts_with("selftest on cpu:"), "{report}");
     assert_eq!(report.lines().filter(|l| l.ends_with(" ok")).count(), 14);
     assert!(report.contains("all 14 checks passed"), "{report}");
+    // Another model with its own reference (how a GPU machine without the real weights runs
+    // it): here the same model and fixture, given explicitly.
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/minilm/outputs.safetensors"
+    );
+    let explicit = ok(&bert(&[
+        "selftest",
+        "--device",
+        "cpu",
+        "--model",
+        "all-MiniLM-L6-v2",
+        "--reference",
+        fixture,
+    ]));
+    assert!(explicit.contains("all 14 checks passed"), "{explicit}");
+    let alone = bert(&["selftest", "--model", "all-MiniLM-L6-v2"]);
+    assert_eq!(alone.status.code(), Some(2), "{}", stderr(&alone));
+    assert!(stderr(&alone).contains("--reference"), "{}", stderr(&alone));
     // A build without the Metal back-end says how to get one.
     if !cfg!(feature = "metal") {
         assert_fails(
