@@ -152,6 +152,10 @@ struct FinetuneArgs {
     /// grouping pairs of similar length (less padding, faster).
     #[arg(long)]
     uniform_batches: bool,
+    /// Mixed precision: compute in bf16 or f16 while the weights (--dtype, f32) stay the
+    /// master copy the optimiser updates; for GPUs' tensor cores.
+    #[arg(long)]
+    compute_dtype: Option<String>,
     #[command(flatten)]
     rows: RowArgs,
     #[command(flatten)]
@@ -260,6 +264,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         trainable: trainable_of(&args)?,
         num_labels: args.num_labels,
         dtype,
+        compute_dtype: args.compute_dtype.as_deref().map(parse_dtype).transpose()?,
         resume: args.resume,
         ..TrainConfig::default()
     };

@@ -443,3 +443,39 @@ fn finetune_with_lora_writes_a_peft_adapter_that_scores_and_merges() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not a LoRA adapter"));
 }
+
+#[test]
+fn bf16_compute_trains_f32_weights_like_an_f32_run() {
+    let (dir, model, train, eval) = workspace((24, 0), (8, 1));
+    let mut finals = Vec::new();
+    for compute in [None, Some("bf16")] {
+        let out = dir
+            .path()
+            .join(format!("out-{}", compute.unwrap_or("f32")))
+            .display()
+            .to_string();
+        let mut args = finetune_args(&model, &train, &eval, &out);
+        if let Some(dtype) = compute {
+            args.extend(["--compute-dtype", dtype]);
+        }
+        let summary = report(&run(&args));
+        // The saved weights are the f32 master copy.
+        let weights = candle_core::safetensors::load(
+            Path::new(&out).join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!(weights
+            .values()
+            .all(|t| t.dtype() == candle_core::DType::F32));
+        finals.push(summary["final"].clone());
+    }
+    println!("final metrics, f32 / bf16 compute: {finals:?}");
+    let pearson = |v: &serde_json::Value| v["pearson"].as_f64().unwrap();
+    assert_ne!(finals[0], finals[1], "bf16 compute changed nothing");
+    assert_eq!(finals[0]["accuracy"], finals[1]["accuracy"], "{finals:?}");
+    assert!(
+        (pearson(&finals[0]) - pearson(&finals[1])).abs() < 0.02,
+        "{finals:?}"
+    );
+}

@@ -230,6 +230,9 @@ impl Linear {
         dropout: Option<&Dropout>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
+        if x.dtype() != self.weight.dtype() {
+            return self.cast_to(x.dtype())?.forward_dropout(x, dropout, train);
+        }
         let dropout = dropout.filter(|d| train && d.p > 0.0);
         let dims = x.dims();
         let in_dim = *dims.last().unwrap_or(&0);
@@ -294,6 +297,26 @@ impl Linear {
 }
 
 impl Linear {
+    /// The layer with its weights cast to `dtype`, for mixed precision (an input in a narrower
+    /// dtype than the weights, as `ForwardOptions::compute_dtype` makes): the casts are ops, so
+    /// gradients flow back to the weights in their own dtype (f32 master weights).
+    fn cast_to(&self, dtype: DType) -> candle_core::Result<Self> {
+        let adapter = match &self.adapter {
+            Some(adapter) => Some(LoraAdapter {
+                a: adapter.a.to_dtype(dtype)?,
+                b: adapter.b.to_dtype(dtype)?,
+                ..adapter.clone()
+            }),
+            None => None,
+        };
+        Ok(Self {
+            weight: self.weight.to_dtype(dtype)?,
+            bias: self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
+            adapter,
+            panels: None,
+        })
+    }
+
     /// `act(linear(x))` for inference. On the CPU (f32/f64, with a bias, no adapter, nothing
     /// tracking a gradient) the erf GELU is applied inside the linear kernel, on its output in
     /// place: no second pass over a fresh tensor. Otherwise the layer, then [`activation`].
@@ -460,6 +483,13 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Mixed precision: a narrower input is normalised in the weights' dtype (f32), as
+        // autocast does, and returned in its own.
+        if x.dtype() != self.weight.dtype() {
+            return self
+                .forward(&x.to_dtype(self.weight.dtype())?)?
+                .to_dtype(x.dtype());
+        }
         // candle's fused layer_norm takes the variance as E[x^2] - mean^2 in f32, which cancels
         // badly on BERT's large-offset residual streams (2e-4 off transformers on MiniLM). The
         // CPU kernel is two-pass, with its own backward; other devices take the composed (also

@@ -1,6 +1,6 @@
 //! The layer stack (`BertEncoder`, `encoder.layer.*`).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{join_path, Linear, NamedLinears};
@@ -23,6 +23,10 @@ pub struct ForwardOptions {
     pub output_hidden_states: bool,
     /// Return every layer's attention probabilities.
     pub output_attentions: bool,
+    /// Mixed precision: the layers after the embeddings compute in this dtype while every
+    /// weight stays in its own (cast on the fly, so gradients reach f32 master weights);
+    /// embeddings, LayerNorm and softmax statistics stay in f32. `None`: the weights' dtype.
+    pub compute_dtype: Option<DType>,
 }
 
 impl ForwardOptions {
@@ -48,6 +52,13 @@ impl ForwardOptions {
     /// Also return all attention probabilities.
     pub fn with_attentions(mut self) -> Self {
         self.output_attentions = true;
+        self
+    }
+
+    /// Compute in `dtype` (bf16, f16) over weights kept in theirs: see
+    /// [`ForwardOptions::compute_dtype`].
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = Some(dtype);
         self
     }
 }

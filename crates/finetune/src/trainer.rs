@@ -60,8 +60,12 @@ pub struct TrainConfig {
     pub num_labels: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
-    /// Compute dtype of the model (master weights are kept in it too).
+    /// Dtype of the model's weights (the master weights the optimiser updates), and of its
+    /// arithmetic unless `compute_dtype` says otherwise.
     pub dtype: DType,
+    /// Mixed precision: the forward and backward passes compute in this dtype (bf16 or f16)
+    /// over weights kept in `dtype` (f32); see `ForwardOptions::compute_dtype`.
+    pub compute_dtype: Option<DType>,
     /// Continue from `OUT/last` exactly where it stopped.
     pub resume: bool,
 }
@@ -85,6 +89,7 @@ impl Default for TrainConfig {
             num_labels: 1,
             progress: true,
             dtype: DType::F32,
+            compute_dtype: None,
             resume: false,
         }
     }
@@ -303,6 +308,10 @@ pub fn train(
             bert::limits::MAX_TRAIN_TOKENS_PER_BATCH
         )));
     }
+    let options = ForwardOptions {
+        compute_dtype: cfg.compute_dtype,
+        ..ForwardOptions::training()
+    };
     let model = load_trainable(
         &model_files,
         &config,
@@ -427,7 +436,7 @@ pub fn train(
             for (micro, batch) in group.iter().enumerate() {
                 seed_dropout(mix(cfg.seed, state.step, micro as u64));
                 let pairs: Vec<&LabeledPair> = batch.iter().map(|&i| &train.pairs[i]).collect();
-                let loss = batch_loss(&model, &tokenizer, &pairs, loss_kind, device)?;
+                let loss = batch_loss(&model, &tokenizer, &pairs, loss_kind, &options, device)?;
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Err(Error::NonFinite {
@@ -567,14 +576,12 @@ fn batch_loss(
     tokenizer: &BertTokenizer,
     pairs: &[&LabeledPair],
     loss: Loss,
+    options: &ForwardOptions,
     device: &Device,
 ) -> Result<Tensor> {
     let texts: Vec<(&str, &str)> = pairs.iter().map(|p| p.texts()).collect();
     let batch = tokenizer.pair_batch(&texts, device)?;
-    let logits = model
-        .model
-        .forward(&batch.inputs(), &ForwardOptions::training())?
-        .logits;
+    let logits = model.model.forward(&batch.inputs(), options)?.logits;
     let labels = Tensor::new(pairs.iter().map(|p| p.label).collect::<Vec<f32>>(), device)?;
     loss.compute(&logits, &labels)
 }

@@ -121,6 +121,10 @@ impl BertModel {
             inputs.position_ids,
             options.train,
         )?;
+        let embedded = match options.compute_dtype {
+            Some(dtype) if dtype != embedded.dtype() => embedded.to_dtype(dtype)?,
+            _ => embedded,
+        };
         let encoded = self
             .encoder
             .forward(&embedded, inputs.attention_mask, options)?;
