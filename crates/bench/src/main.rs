@@ -51,6 +51,12 @@ enum Command {
         /// Train LoRA adapters of this rank instead of every weight.
         #[arg(long)]
         lora: Option<usize>,
+        /// cpu, cuda, cuda:N or metal (each phase is timed to the device's end).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Mixed precision: compute in bf16 or f16 over the f32 weights.
+        #[arg(long)]
+        compute_dtype: Option<String>,
     },
     /// Time the encoder's forward pass (inference) on a fixed batch.
     Infer(InferArgs),
@@ -104,7 +110,22 @@ fn main() -> Result<()> {
             warmup,
             steps,
             lora,
-        } => train_step(&model, batch, seq, warmup, steps, lora),
+            device,
+            compute_dtype,
+        } => {
+            let device = device.parse::<bert::DeviceSpec>()?.open()?;
+            let compute_dtype = compute_dtype
+                .as_deref()
+                .map(bert::parse_dtype)
+                .transpose()?;
+            let shape = StepShape {
+                batch,
+                seq,
+                warmup,
+                steps,
+            };
+            train_step(&model, shape, lora, &device, compute_dtype)
+        }
         Command::Infer(args) => infer(&args),
     }
 }
@@ -263,15 +284,27 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-fn train_step(
-    model: &str,
+/// The batch shape and step counts of `train-step`.
+struct StepShape {
     batch: usize,
     seq: usize,
     warmup: usize,
     steps: usize,
+}
+
+fn train_step(
+    model: &str,
+    shape: StepShape,
     lora: Option<usize>,
+    device: &Device,
+    compute_dtype: Option<DType>,
 ) -> Result<()> {
-    let device = Device::Cpu;
+    let StepShape {
+        batch,
+        seq,
+        warmup,
+        steps,
+    } = shape;
     let files = model
         .parse::<ModelSource>()?
         .fetch()
@@ -286,7 +319,7 @@ fn train_step(
         ))),
         None => Trainable::All,
     };
-    let model = load_trainable(&files, &config, trainable, DType::F32, &device, 0)?;
+    let model = load_trainable(&files, &config, trainable, DType::F32, device, 0)?;
     let mut rng = SplitMix64(1);
     // [CLS] random word pieces [SEP] ... [SEP], with sentence B from the middle on.
     let vocab = config.vocab_size as u64;
@@ -303,14 +336,18 @@ fn train_step(
             types.push(u32::from(j > seq / 2));
         }
     }
-    let input_ids = Tensor::from_vec(ids, (batch, seq), &device)?;
-    let token_type_ids = Tensor::from_vec(types, (batch, seq), &device)?;
-    let attention_mask = Tensor::ones((batch, seq), DType::U32, &device)?;
+    let input_ids = Tensor::from_vec(ids, (batch, seq), device)?;
+    let token_type_ids = Tensor::from_vec(types, (batch, seq), device)?;
+    let attention_mask = Tensor::ones((batch, seq), DType::U32, device)?;
     let labels = Tensor::from_vec(
         (0..batch).map(|i| (i % 2) as f32).collect::<Vec<_>>(),
         batch,
-        &device,
+        device,
     )?;
+    let options = ForwardOptions {
+        compute_dtype,
+        ..ForwardOptions::training()
+    };
     let inputs = BertInputs::new(&input_ids)
         .with_attention_mask(&attention_mask)
         .with_token_type_ids(&token_type_ids);
@@ -322,17 +359,16 @@ fn train_step(
     for step in 0..warmup + steps {
         seed_dropout(step as u64);
         let t0 = Instant::now();
-        let logits = model
-            .model
-            .forward(&inputs, &ForwardOptions::training())?
-            .logits;
+        let logits = model.model.forward(&inputs, &options)?.logits;
         let loss = loss_kind.compute(&logits, &labels)?;
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
+        device.synchronize()?;
         let t2 = Instant::now();
         let norm = grad_norm(&grads, &vars)?;
         optimizer.step_scaled(&grads, 2e-5, clip_scale(norm, 1.0))?;
+        device.synchronize()?;
         let t3 = Instant::now();
         if step >= warmup {
             forward.push((t1 - t0).as_secs_f64());
@@ -347,6 +383,8 @@ fn train_step(
         json!({
             "impl": "bert-rs",
             "bench": "train-step",
+            "device": format!("{:?}", device.location()),
+            "compute_dtype": compute_dtype.map(|d| format!("{d:?}").to_lowercase()),
             "model": model_name(&model),
             "batch": batch,
             "seq": seq,

@@ -13,10 +13,12 @@
 #   selftest-*.txt         `bert selftest --device cuda` on both shapes (MiniLM's 32-wide heads,
 #                          bert-base's 64-wide): f32 vs transformers, f16/bf16 vs f32, batched
 #                          vs alone, the fused attention kernel vs the exact attention
+#   train-step.jsonl       one fine-tuning step, ours and PyTorch's, f32 and bf16 compute
 #   gpu-bench.json / .md   crates/bench/scripts/compare_gpu.py, bf16 first, until the deadline
 # BUDGET_S (default 480) bounds the whole visit: the benchmark starts no section after it.
 # For a dry run of the plumbing on a machine without a GPU (with a libcuda stub on the path):
-#   DEVICE=cpu BATCHES=1,2 SEQS=16 DTYPES=f32 PYTHON=.venv/bin/python bash tests/scripts/gpu/visit.sh
+#   DEVICE=cpu BATCHES=1,2 SEQS=16 DTYPES=f32 TRAIN_BATCH=2 TRAIN_SEQ=16 PYTHON=.venv/bin/python \
+#     bash tests/scripts/gpu/visit.sh
 set -u
 device=${DEVICE:-cuda}
 carry=${1:-target/gpu-carry}
@@ -55,6 +57,19 @@ for model in minilm-random bert-base-random; do
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
 echo "== $(date -u +%T) selftest done (status $status)"
+
+# A fine-tuning step (forward, backward, clipping, AdamW) on bert-base's shapes, batch 16 x 128,
+# ours and PyTorch's, in f32 and with bf16 compute over f32 weights (autocast on their side).
+dir=/tmp/bert-gpu-checkpoints/bert-base-random
+shape=(--batch "${TRAIN_BATCH:-16}" --seq "${TRAIN_SEQ:-128}" --warmup 3 --steps 10)
+for compute in "" bf16; do
+  LD_LIBRARY_PATH=$libs timeout 120 /tmp/bert-bench train-step --model "$dir" --device "$device" \
+    "${shape[@]}" ${compute:+--compute-dtype $compute} >> "$out/train-step.jsonl" 2>> "$out/train-step.stderr"
+  timeout 120 "$python" crates/bench/scripts/train_step_torch.py --model "$dir" --device "$device" \
+    "${shape[@]}" ${compute:+--autocast $compute} >> "$out/train-step.jsonl" 2>> "$out/train-step.stderr"
+done
+cat "$out/train-step.jsonl"
+echo "== $(date -u +%T) training steps done"
 
 left=$(( budget - ($(date +%s) - start) ))
 "$python" crates/bench/scripts/compare_gpu.py --bench /tmp/bert-bench \
