@@ -125,7 +125,8 @@ impl CustomOp2 for FlashAttention {
 
 /// The kernel's context for `qkv: [batch, seq, 3 * hidden]` on CUDA, with `bias` the
 /// `[batch, 1, 1, seq]` padding bias (or none); `None` where the kernel does not apply (not
-/// CUDA, not f16/bf16, another head size or bias shape, or an empty batch).
+/// CUDA, not f16/bf16, another head size or bias shape, an empty batch or one of more than
+/// 65535 sequences).
 pub(crate) fn packed_attention(
     qkv: &Tensor,
     heads: usize,
@@ -135,7 +136,8 @@ pub(crate) fn packed_attention(
     let hidden = packed / 3;
     let applies = qkv.device().is_cuda()
         && matches!(qkv.dtype(), DType::F16 | DType::BF16)
-        && batch > 0
+        // gridDim.z (the batch) is at most 65535.
+        && (1..=65_535).contains(&batch)
         && seq > 0
         && heads > 0
         && packed % 3 == 0
