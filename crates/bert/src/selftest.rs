@@ -4,7 +4,10 @@
 //! The reference is what HF transformers computed for all-MiniLM-L6-v2 on five single texts and
 //! four sentence pairs, each set padded into one batch (`tests/fixtures/minilm/outputs.safetensors`,
 //! written by `tests/scripts/generate_fixtures.py`; the CLI compiles it in, a program can load
-//! it with `candle_core::safetensors::load`). Checks, per batch:
+//! it with `candle_core::safetensors::load`). Any other BERT with a pooler can be checked the
+//! same way against transformers' outputs for it on the fixture's inputs (`bert selftest --model
+//! DIR --reference FILE`; `tests/scripts/gpu/random_checkpoints.py` writes such pairs). Checks,
+//! per batch:
 //! - f32: `last_hidden_state` on real tokens and `pooler_output` within [`F32_LIMIT`] of
 //!   transformers (TF32 off on CUDA, so f32 matmuls stay f32);
 //! - f16 and bf16: every output finite, and cosine >= [`HALF_COSINE`] to our f32 result;
