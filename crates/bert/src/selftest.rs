@@ -13,8 +13,8 @@
 //! - f16 and bf16: every output finite, and cosine >= [`HALF_COSINE`] to our f32 result;
 //! - each text alone equals its row of the padded batch (f32), within [`F32_LIMIT`].
 //!
-//! Where the build has the GPU's fused attention kernel and `device` is CUDA, also, per half
-//! dtype: the model with the kernel against the model on the plain path (cosine >=
+//! Where the build has the GPU's fused attention kernel, `device` is CUDA and the kernel is on
+//! ([`bert_embeddings::nn::set_gpu_fused_attention`]), also, per half dtype: the model with the kernel against the model on the plain path (cosine >=
 //! [`HALF_COSINE`]), and the kernel alone on random inputs (both head sizes it is built for,
 //! a padded sequence) against the CPU's exact f32 attention on the same inputs (cosine >=
 //! [`KERNEL_COSINE`]).
@@ -120,6 +120,10 @@ pub fn run(
         Ok(t.to_device(device)?)
     };
 
+    // The GPU attention kernel is checked where it runs: a CUDA build, on CUDA, switched on.
+    let check_kernel = device.is_cuda()
+        && bert_embeddings::nn::gpu_fused_attention_built()
+        && bert_embeddings::nn::gpu_fused_attention();
     let mut checks = Vec::new();
     for batch in ["single", "pair"] {
         let ids = tensor(&format!("{batch}.input_ids"))?;
@@ -163,19 +167,16 @@ pub fn run(
                 value: cosine(&half_pooled, &pooled)?,
                 limit: Limit::AtLeast(HALF_COSINE),
             });
-        }
-
-        if device.is_cuda() && bert_embeddings::nn::gpu_fused_attention_built() {
-            for (dtype, half_model) in &half_models {
+            if check_kernel {
+                // The same model on the plain path, against the fused pass above.
                 bert_embeddings::nn::set_gpu_fused_attention(false);
                 let plain = encode(half_model, &inputs);
                 bert_embeddings::nn::set_gpu_fused_attention(true);
                 let (plain_hidden, _) = plain?;
-                let (fused_hidden, _) = encode(half_model, &inputs)?;
                 checks.push(Check {
-                    name: format!("{batch} {dtype:?} fused attention vs plain path").to_lowercase(),
+                    name: format!("{batch} {name} fused attention vs plain path"),
                     value: cosine(
-                        &real_tokens(&fused_hidden, &mask)?,
+                        &real_tokens(&half_hidden, &mask)?,
                         &real_tokens(&plain_hidden, &mask)?,
                     )?,
                     limit: Limit::AtLeast(HALF_COSINE),
@@ -205,7 +206,7 @@ pub fn run(
             limit: Limit::AtMost(F32_LIMIT),
         });
     }
-    if device.is_cuda() && bert_embeddings::nn::gpu_fused_attention_built() {
+    if check_kernel {
         for dtype in [DType::F16, DType::BF16] {
             for head_dim in [32, 64] {
                 checks.push(attention_kernel_check(device, dtype, head_dim)?);

@@ -610,24 +610,25 @@ fn embed(args: EmbedArgs) -> Result<()> {
 
 fn run_selftest(args: SelftestArgs) -> Result<()> {
     let device = args.device.parse::<DeviceSpec>()?.open()?;
-    let (model, reference) = match (&args.model, &args.reference) {
-        (Some(model), Some(reference)) => {
-            let tensors = candle_core::safetensors::load(reference, &bert::Device::Cpu)
-                .with_context(|| format!("reading {}", reference.display()))?;
-            (model.as_str(), (tensors, reference.display().to_string()))
-        }
+    let (model, expected, origin) = match (&args.model, &args.reference) {
+        (Some(model), Some(reference)) => (
+            model.as_str(),
+            candle_core::safetensors::load(reference, &bert::Device::Cpu)
+                .with_context(|| format!("reading {}", reference.display()))?,
+            reference.display().to_string(),
+        ),
         _ => (
             bert::DEFAULT_MODEL,
-            (selftest::fixture()?, "tests/fixtures/minilm".to_string()),
+            selftest::fixture()?,
+            "tests/fixtures/minilm".to_string(),
         ),
     };
     let files = model.parse::<ModelSource>()?.fetch()?;
     println!(
-        "selftest on {}: {model} against HF transformers' outputs ({})",
-        device_name(&device),
-        reference.1
+        "selftest on {}: {model} against HF transformers' outputs ({origin})",
+        device_name(&device)
     );
-    let checks = bert::selftest::run(&files, &device, &reference.0)?;
+    let checks = bert::selftest::run(&files, &device, &expected)?;
     for check in &checks {
         println!("  {}", check.line());
     }
