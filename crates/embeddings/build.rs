@@ -1,15 +1,20 @@
-//! With the `cuda` feature: compiles the fused attention kernel (src/cuda/flash_attention.cu)
-//! to PTX with nvcc, for the compute capability in `CUDA_COMPUTE_CAP` (as candle's own kernels
-//! are built; e.g. 90 for H100/H200). Its tensor-core tiles need 8.0 or newer; below that the
-//! kernel is left out (cfg `bert_no_flash_attention`) and attention takes the plain path.
-//! Without the feature this does nothing.
+//! With the `cuda` feature: compiles the GPU kernels (src/cuda/) to PTX with nvcc, for the
+//! compute capability in `CUDA_COMPUTE_CAP` (as candle's own kernels are built; e.g. 90 for
+//! H100/H200): the epilogues (bias + GELU, bias + residual + LayerNorm) for any, the fused
+//! attention, whose tensor-core tiles need 8.0 or newer, from 8.0 on (below that it is left
+//! out, cfg `bert_no_flash_attention`, and attention takes the plain path). Without the
+//! feature this does nothing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+const EPILOGUES: &str = "src/cuda/epilogues.cu";
+const ATTENTION: &str = "src/cuda/flash_attention.cu";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(bert_no_flash_attention)");
-    println!("cargo:rerun-if-changed=src/cuda/flash_attention.cu");
+    println!("cargo:rerun-if-changed={ATTENTION}");
+    println!("cargo:rerun-if-changed={EPILOGUES}");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
@@ -27,7 +32,7 @@ fn main() {
         ),
     };
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let ptx = out.join("flash_attention.ptx");
+    compile(cap, EPILOGUES, &out.join("epilogues.ptx"));
     if cap < 80 {
         println!(
             "cargo:warning=CUDA_COMPUTE_CAP {cap} < 80: the fused attention kernel is left out"
@@ -35,6 +40,11 @@ fn main() {
         println!("cargo:rustc-cfg=bert_no_flash_attention");
         return;
     }
+    compile(cap, ATTENTION, &out.join("flash_attention.ptx"));
+}
+
+/// `nvcc --ptx` of `source` for `sm_{cap}` into `ptx`.
+fn compile(cap: u32, source: &str, ptx: &Path) {
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("CUDA_HOME").map(|home| PathBuf::from(home).join("bin/nvcc")))
@@ -43,12 +53,9 @@ fn main() {
         .args(["--ptx", "-O3", "-std=c++17"])
         .arg(format!("--gpu-architecture=sm_{cap}"))
         .arg("-o")
-        .arg(&ptx)
-        .arg("src/cuda/flash_attention.cu")
+        .arg(ptx)
+        .arg(source)
         .status()
         .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
-    assert!(
-        status.success(),
-        "nvcc failed on src/cuda/flash_attention.cu"
-    );
+    assert!(status.success(), "nvcc failed on {source}");
 }

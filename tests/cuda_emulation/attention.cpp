@@ -2,9 +2,14 @@
 // same grid as on the GPU. Called from the test suite (tests/src/lib.rs, cuda_emulation).
 #include "emulate.h"
 
-#include <memory>
-#include <thread>
-#include <vector>
+namespace bert_flash {
+template <typename T>
+T from_float(float x);
+template <typename T, int D>
+void scores_tile(const T* q, const T* k, float* s);
+template <typename T, int D>
+void context_tile(const T* p, const T* v, float* o);
+}  // namespace bert_flash
 
 #include "../../crates/embeddings/src/cuda/flash_attention.cu"
 
@@ -42,27 +47,8 @@ static void launch(const float* qkv, const float* bias, float* out, int batch, i
                    float scale) {
   using namespace bert_flash;
   const int query_blocks = (seq + BLOCK_QUERIES - 1) / BLOCK_QUERIES;
-  for (int z = 0; z < batch; ++z)
-    for (int y = 0; y < heads; ++y)
-      for (int x = 0; x < query_blocks; ++x) {
-        std::barrier<> block(THREADS);
-        std::vector<std::unique_ptr<std::barrier<>>> warps;
-        std::vector<std::barrier<>*> warp_pointers;
-        for (int w = 0; w < WARPS; ++w) {
-          warps.push_back(std::make_unique<std::barrier<>>(32));
-          warp_pointers.push_back(warps.back().get());
-        }
-        emulation::block_barrier = &block;
-        emulation::warp_barriers = warp_pointers.data();
-        std::vector<std::thread> threads;
-        for (int t = 0; t < THREADS; ++t)
-          threads.emplace_back([=] {
-            emulation::thread_index = {t, 0, 0};
-            emulation::block_index = {x, y, z};
-            attention<float, D>(qkv, bias, out, seq, heads, scale);
-          });
-        for (auto& thread : threads) thread.join();
-      }
+  emulation::launch({query_blocks, heads, batch}, THREADS,
+                    [=] { attention<float, D>(qkv, bias, out, seq, heads, scale); });
 }
 
 // qkv: [batch, seq, 3 * heads * head_dim]; bias: [batch, seq] or null; out: [batch, seq,

@@ -106,10 +106,30 @@ pub fn assert_gradient_close(name: &str, ours: &Tensor, expected: &Tensor) {
     );
 }
 
-/// The GPU attention kernel (`crates/embeddings/src/cuda/flash_attention.cu`) run on the CPU
-/// under `tests/cuda_emulation/` (compiled by `build.rs`), element type f32.
+/// The GPU kernels (`crates/embeddings/src/cuda/`) run on the CPU under
+/// `tests/cuda_emulation/` (compiled by `build.rs`), element type f32.
 pub mod cuda_emulation {
     extern "C" {
+        fn emulated_bias_gelu(
+            x: *const f32,
+            bias: *const f32,
+            out: *mut f32,
+            total: u64,
+            cols: i32,
+        ) -> i32;
+        #[allow(clippy::too_many_arguments)]
+        fn emulated_residual_layer_norm(
+            x: *const f32,
+            bias: *const f32,
+            residual: *const f32,
+            gamma: *const f32,
+            beta: *const f32,
+            out: *mut f32,
+            rows: i32,
+            hidden: i32,
+            eps: f32,
+            per_lane: i32,
+        ) -> i32;
         fn emulated_flash_attention(
             qkv: *const f32,
             bias: *const f32,
@@ -153,6 +173,68 @@ pub mod cuda_emulation {
                 to_i32(heads),
                 to_i32(head_dim),
                 scale,
+            )
+        };
+        (status == 0).then_some(out)
+    }
+
+    /// `gelu(x + bias)` by `epilogues.cu`'s kernel, for `x` in rows of `bias.len()` columns;
+    /// `None` for sizes the kernel does not take (columns not a multiple of 4).
+    pub fn bias_gelu(x: &[f32], bias: &[f32]) -> Option<Vec<f32>> {
+        let cols = bias.len();
+        assert!(
+            cols > 0 && x.len().is_multiple_of(cols),
+            "x is rows of bias.len() columns"
+        );
+        let mut out = vec![f32::NAN; x.len()];
+        // SAFETY: x and out hold `x.len()` floats, bias `cols`; the kernel reads and writes
+        // within them.
+        let status = unsafe {
+            emulated_bias_gelu(
+                x.as_ptr(),
+                bias.as_ptr(),
+                out.as_mut_ptr(),
+                x.len() as u64,
+                i32::try_from(cols).expect("cols fits i32"),
+            )
+        };
+        (status == 0).then_some(out)
+    }
+
+    /// `LayerNorm(x + bias + residual) * gamma + beta` by `epilogues.cu`'s kernel built for
+    /// `per_lane` registers a lane, for `x` in rows of `gamma.len()`; `None` for a build that
+    /// does not exist or is too small.
+    pub fn residual_layer_norm(
+        x: &[f32],
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        (gamma, beta): (&[f32], &[f32]),
+        eps: f32,
+        per_lane: usize,
+    ) -> Option<Vec<f32>> {
+        let hidden = gamma.len();
+        assert!(
+            hidden > 0 && x.len().is_multiple_of(hidden),
+            "x is rows of gamma.len()"
+        );
+        assert_eq!(beta.len(), hidden, "beta size");
+        assert!(bias.is_none_or(|b| b.len() == hidden), "bias size");
+        assert!(residual.is_none_or(|r| r.len() == x.len()), "residual size");
+        let mut out = vec![f32::NAN; x.len()];
+        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
+        // SAFETY: the sizes were checked above; the kernel reads and writes within them.
+        let status = unsafe {
+            emulated_residual_layer_norm(
+                x.as_ptr(),
+                bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+                residual.map_or(std::ptr::null(), <[f32]>::as_ptr),
+                gamma.as_ptr(),
+                beta.as_ptr(),
+                out.as_mut_ptr(),
+                to_i32(x.len() / hidden),
+                to_i32(hidden),
+                eps,
+                to_i32(per_lane),
             )
         };
         (status == 0).then_some(out)

@@ -13,11 +13,14 @@
 //! - f16 and bf16: every output finite, and cosine >= [`HALF_COSINE`] to our f32 result;
 //! - each text alone equals its row of the padded batch (f32), within [`F32_LIMIT`].
 //!
-//! Where the build has the GPU's fused attention kernel, `device` is CUDA and the kernel is on
-//! ([`bert_embeddings::nn::set_gpu_fused_attention`]), also, per half dtype: the model with the kernel against the model on the plain path (cosine >=
-//! [`HALF_COSINE`]), and the kernel alone on random inputs (both head sizes it is built for,
-//! a padded sequence) against the CPU's exact f32 attention on the same inputs (cosine >=
-//! [`KERNEL_COSINE`]).
+//! Where the build has the GPU kernels (the `cuda` feature), `device` is CUDA and they are on
+//! ([`bert_embeddings::nn::set_gpu_fused_kernels`]), also: per dtype, the model with the
+//! kernels against the model on the plain path (f32 within [`F32_LIMIT`], f16/bf16 cosine >=
+//! [`HALF_COSINE`]); the epilogue kernels alone (bias + GELU, bias + residual + LayerNorm) on
+//! random inputs against the CPU in f32 on the same values; and, where the build has it, the
+//! fused attention kernel alone (both head sizes it is built for, a padded sequence) against
+//! the CPU's exact f32 attention on the same inputs. Kernel-alone checks: f32 within
+//! [`F32_LIMIT`], f16/bf16 cosine >= [`KERNEL_COSINE`].
 //!
 //! Padded positions are left out of value comparisons for the reason `tests/tests/parity_minilm.rs`
 //! gives (transformers' own f32 states there are ill-conditioned), but must still be finite.
@@ -50,9 +53,10 @@ pub const F32_LIMIT: f64 = 1e-4;
 /// Smallest cosine allowed between a half-precision result and the f32 one.
 pub const HALF_COSINE: f64 = 0.999;
 
-/// Smallest cosine allowed between the GPU attention kernel and the exact attention on the
-/// same half-precision inputs: only the rounding of its probabilities to f16/bf16 separates
-/// them (a relative 2^-9 at most), while an indexing slip costs far more.
+/// Smallest cosine allowed between a GPU kernel and the exact f32 computation on the same
+/// half-precision inputs: only roundings to f16/bf16 (the attention's probabilities, a
+/// product's output) separate them, a relative 2^-9 at most, while an indexing slip costs far
+/// more. In f32 the kernels are held to [`F32_LIMIT`].
 pub const KERNEL_COSINE: f64 = 0.9999;
 
 /// One check's outcome.
@@ -120,10 +124,10 @@ pub fn run(
         Ok(t.to_device(device)?)
     };
 
-    // The GPU attention kernel is checked where it runs: a CUDA build, on CUDA, switched on.
-    let check_kernel = device.is_cuda()
-        && bert_embeddings::nn::gpu_fused_attention_built()
-        && bert_embeddings::nn::gpu_fused_attention();
+    // The GPU kernels are checked where they run: a CUDA build, on CUDA, switched on.
+    let check_kernels = device.is_cuda()
+        && bert_embeddings::nn::gpu_fused_epilogues_built()
+        && bert_embeddings::nn::gpu_fused_kernels();
     let mut checks = Vec::new();
     for batch in ["single", "pair"] {
         let ids = tensor(&format!("{batch}.input_ids"))?;
@@ -148,6 +152,17 @@ pub fn run(
             value: max_abs_diff(&pooled, &want_pooled)?,
             limit: Limit::AtMost(F32_LIMIT),
         });
+        if check_kernels {
+            let (plain_hidden, _) = on_plain_path(|| encode(&f32_model, &inputs))?;
+            checks.push(Check {
+                name: format!("{batch} f32 fused kernels vs plain path"),
+                value: max_abs_diff(
+                    &real_tokens(&hidden, &mask)?,
+                    &real_tokens(&plain_hidden, &mask)?,
+                )?,
+                limit: Limit::AtMost(F32_LIMIT),
+            });
+        }
 
         for (dtype, half_model) in &half_models {
             let (half_hidden, half_pooled) = encode(half_model, &inputs)?;
@@ -167,14 +182,11 @@ pub fn run(
                 value: cosine(&half_pooled, &pooled)?,
                 limit: Limit::AtLeast(HALF_COSINE),
             });
-            if check_kernel {
+            if check_kernels {
                 // The same model on the plain path, against the fused pass above.
-                bert_embeddings::nn::set_gpu_fused_attention(false);
-                let plain = encode(half_model, &inputs);
-                bert_embeddings::nn::set_gpu_fused_attention(true);
-                let (plain_hidden, _) = plain?;
+                let (plain_hidden, _) = on_plain_path(|| encode(half_model, &inputs))?;
                 checks.push(Check {
-                    name: format!("{batch} {name} fused attention vs plain path"),
+                    name: format!("{batch} {name} fused kernels vs plain path"),
                     value: cosine(
                         &real_tokens(&half_hidden, &mask)?,
                         &real_tokens(&plain_hidden, &mask)?,
@@ -206,14 +218,114 @@ pub fn run(
             limit: Limit::AtMost(F32_LIMIT),
         });
     }
-    if check_kernel {
-        for dtype in [DType::F16, DType::BF16] {
-            for head_dim in [32, 64] {
-                checks.push(attention_kernel_check(device, dtype, head_dim)?);
+    if check_kernels {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            checks.extend(epilogue_kernel_checks(device, dtype)?);
+        }
+        if bert_embeddings::nn::gpu_fused_attention_built() {
+            for dtype in [DType::F16, DType::BF16] {
+                for head_dim in [32, 64] {
+                    checks.push(attention_kernel_check(device, dtype, head_dim)?);
+                }
             }
         }
     }
     Ok(checks)
+}
+
+/// `f()` with the GPU kernels switched off (the plain path), switched on again after.
+fn on_plain_path<R>(f: impl FnOnce() -> R) -> R {
+    bert_embeddings::nn::set_gpu_fused_kernels(false);
+    let result = f();
+    bert_embeddings::nn::set_gpu_fused_kernels(true);
+    result
+}
+
+/// A kernel's result against the exact one: max |diff| within [`F32_LIMIT`] in f32, cosine
+/// >= [`KERNEL_COSINE`] in f16/bf16.
+fn kernel_check(name: String, dtype: DType, kernel: &Tensor, exact: &Tensor) -> Result<Check> {
+    let kernel = kernel.to_dtype(DType::F32)?;
+    Ok(if dtype == DType::F32 {
+        Check {
+            name,
+            value: max_abs_diff(&kernel, exact)?,
+            limit: Limit::AtMost(F32_LIMIT),
+        }
+    } else {
+        Check {
+            name,
+            value: cosine(&kernel, exact)?,
+            limit: Limit::AtLeast(KERNEL_COSINE),
+        }
+    })
+}
+
+/// The GPU epilogue kernels through the layers that run them (bias + GELU after a `384 ->
+/// 1536` projection, bias + residual + LayerNorm after a `1536 -> 384` one, the LayerNorm
+/// alone) on random `[2, 100, ..]` inputs in `dtype`, against the CPU in f32 on the same
+/// values.
+fn epilogue_kernel_checks(device: &Device, dtype: DType) -> Result<Vec<Check>> {
+    use bert_embeddings::nn::{LayerNorm, Linear, SplitMix64};
+    let (hidden, intermediate) = (384, 1536);
+    let mut rng = SplitMix64(dtype.size_in_bytes() as u64);
+    let mut random = |shape: &[usize], scale: f64, offset: f64| -> Result<Tensor> {
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|_| (offset + scale * rng.next_normal()) as f32)
+            .collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)
+    };
+    let x = random(&[2, 100, hidden], 1.0, 0.0)?;
+    let inner = random(&[2, 100, intermediate], 1.0, 0.0)?;
+    // Residual streams sit off zero mean.
+    let residual = random(&[2, 100, hidden], 1.0, 5.0)?;
+    let up = (
+        random(&[intermediate, hidden], (hidden as f64).powf(-0.5), 0.0)?,
+        random(&[intermediate], 0.5, 0.0)?,
+    );
+    let down = (
+        random(
+            &[hidden, intermediate],
+            (intermediate as f64).powf(-0.5),
+            0.0,
+        )?,
+        random(&[hidden], 0.5, 0.0)?,
+    );
+    let (gamma, beta) = (random(&[hidden], 0.2, 1.0)?, random(&[hidden], 0.2, 0.0)?);
+    // The three results on `place`: the inputs moved there as they are, or (`exact`) as f32.
+    let run = |place: &Device, exact: bool| -> Result<[Tensor; 3]> {
+        let put = |t: &Tensor| -> Result<Tensor> {
+            Ok(if exact {
+                t.to_dtype(DType::F32)?
+            } else {
+                t.to_device(place)?
+            })
+        };
+        let up = Linear::new(put(&up.0)?, Some(put(&up.1)?));
+        let down = Linear::new(put(&down.0)?, Some(put(&down.1)?));
+        let norm = LayerNorm::new(put(&gamma)?, put(&beta)?, 1e-12);
+        let residual = put(&residual)?;
+        Ok([
+            up.forward_activation(&put(&x)?, bert_embeddings::HiddenAct::Gelu)?,
+            down.forward_residual_norm(&put(&inner)?, &residual, &norm)?,
+            candle_core::Module::forward(&norm, &residual)?,
+        ])
+    };
+    let kernel = run(device, false)?;
+    let exact = run(&Device::Cpu, true)?;
+    let name = format!("{dtype:?}").to_lowercase();
+    let names = ["bias + GELU", "bias + residual + LayerNorm", "LayerNorm"];
+    names
+        .into_iter()
+        .zip(kernel.iter().zip(&exact))
+        .map(|(what, (kernel, exact))| {
+            kernel_check(
+                format!("{name} {what} kernel vs exact"),
+                dtype,
+                kernel,
+                exact,
+            )
+        })
+        .collect()
 }
 
 /// The GPU attention kernel on random `[2, 100, 3 * 12 * head_dim]` inputs in `dtype`, the
@@ -239,11 +351,8 @@ fn attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Res
     };
     let exact = attend(&qkv.to_dtype(DType::F32)?, &bias)?;
     let kernel = attend(&qkv.to_device(device)?, &bias.to_device(device)?)?;
-    Ok(Check {
-        name: format!("{dtype:?} attention kernel d{head_dim} vs exact").to_lowercase(),
-        value: cosine(&kernel, &exact)?,
-        limit: Limit::AtLeast(KERNEL_COSINE),
-    })
+    let name = format!("{dtype:?} attention kernel d{head_dim} vs exact").to_lowercase();
+    kernel_check(name, dtype, &kernel, &exact)
 }
 
 fn encode(model: &BertModel, inputs: &BertInputs) -> Result<(Tensor, Tensor)> {

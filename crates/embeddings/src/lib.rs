@@ -6,6 +6,8 @@
 pub mod config;
 #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
 mod cuda_attention;
+#[cfg(feature = "cuda")]
+mod cuda_epilogues;
 pub mod embeddings;
 pub mod error;
 mod kernels;

@@ -324,8 +324,73 @@ impl Linear {
         let fused = act == HiddenAct::Gelu && self.inference_kernel_applies(x);
         match (&self.bias, fused) {
             (Some(bias), true) => self.inference_kernel(x, bias, true, None),
+            #[cfg(feature = "cuda")]
+            (Some(bias), false) if act == HiddenAct::Gelu && self.gpu_epilogue_applies(x) => {
+                let product = self.product_without_bias(x)?;
+                match crate::cuda_epilogues::bias_gelu(&product, bias)? {
+                    Some(y) => Ok(y),
+                    None => activation(act, &product.broadcast_add(bias)?),
+                }
+            }
             _ => activation(act, &self.forward_t(x, false)?),
         }
+    }
+
+    /// `norm(linear(x) + residual)` for inference, BERT's output blocks (dropout is off).
+    /// On the CPU the residual joins inside the product ([`Linear::forward_residual`]); on
+    /// CUDA (with a bias, no adapter, nothing tracking a gradient, [`gpu_fused_kernels`] on)
+    /// the product runs without its bias, then one kernel adds bias and residual and
+    /// normalises. Otherwise the layer, the addition, then the norm.
+    pub fn forward_residual_norm(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        norm: &LayerNorm,
+    ) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Some(bias), true) = (&self.bias, self.gpu_epilogue_applies(x)) {
+            let product = self.product_without_bias(x)?;
+            let fused = crate::cuda_epilogues::residual_layer_norm(
+                &product,
+                Some(bias),
+                Some(residual),
+                (&norm.weight, &norm.bias),
+                norm.eps,
+            )?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+            return norm.forward(&(product.broadcast_add(bias)? + residual)?);
+        }
+        norm.forward(&self.forward_residual(x, residual)?)
+    }
+
+    /// Whether this layer's inference product may end in a fused GPU epilogue: CUDA, weights
+    /// in x's dtype, no adapter, nothing tracking a gradient, the kernels switched on.
+    #[cfg(feature = "cuda")]
+    fn gpu_epilogue_applies(&self, x: &Tensor) -> bool {
+        x.device().is_cuda()
+            && gpu_fused_kernels()
+            && x.dtype() == self.weight.dtype()
+            && self.adapter.is_none()
+            && !x.track_op()
+            && !self.weight.track_op()
+            && self.bias.as_ref().is_some_and(|b| !b.track_op())
+    }
+
+    /// `x W^T` over every leading dimension folded into rows (one GEMM), without the bias.
+    #[cfg(feature = "cuda")]
+    fn product_without_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_dim();
+        }
+        x.reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .reshape(out_dims.as_slice())
     }
 
     /// `linear(x) + residual` for inference, `residual` shaped as the output. On the CPU
@@ -495,6 +560,20 @@ impl Module for LayerNorm {
         // CPU kernel is two-pass, with its own backward; other devices take the composed (also
         // two-pass) path.
         if !x.device().is_cpu() {
+            // On CUDA, for inference (nothing tracking a gradient), one fused kernel.
+            #[cfg(feature = "cuda")]
+            if gpu_fused_kernels() {
+                let fused = crate::cuda_epilogues::residual_layer_norm(
+                    x,
+                    None,
+                    None,
+                    (&self.weight, &self.bias),
+                    self.eps,
+                )?;
+                if let Some(y) = fused {
+                    return Ok(y);
+                }
+            }
             return layer_norm_differentiable(x, &self.weight, &self.bias, self.eps);
         }
         x.contiguous()?.apply_op3(
@@ -668,19 +747,27 @@ pub fn fused_attention(
     Ok(Some((context, probs)))
 }
 
-static GPU_FUSED_ATTENTION: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(true);
+static GPU_FUSED_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Whether inference attention on a GPU may use the fused kernel (on by default); with it
-/// off, the plain path runs (the matmuls, an f32 softmax, the matmul with the values). For
-/// comparing the two (`bert selftest`) and as an escape hatch. Process-wide.
-pub fn set_gpu_fused_attention(enabled: bool) {
-    GPU_FUSED_ATTENTION.store(enabled, std::sync::atomic::Ordering::Relaxed);
+/// Whether inference on a GPU may use this crate's own kernels (on by default): the fused
+/// attention, bias + GELU, and bias + residual + LayerNorm. With them off, the plain path runs
+/// (candle's matmuls, an f32 softmax, element-wise ops, the composed LayerNorm). For comparing
+/// the two (`bert selftest`) and as an escape hatch. Process-wide.
+pub fn set_gpu_fused_kernels(enabled: bool) {
+    GPU_FUSED_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// See [`set_gpu_fused_attention`].
-pub fn gpu_fused_attention() -> bool {
-    GPU_FUSED_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+/// See [`set_gpu_fused_kernels`].
+pub fn gpu_fused_kernels() -> bool {
+    GPU_FUSED_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this build has the fused epilogue kernels for the GPU (the `cuda` feature): bias +
+/// GELU after the intermediate projection, bias + residual + LayerNorm after the output
+/// projections and the embeddings' LayerNorm, for f32, f16 and bf16 inference with rows of
+/// up to 1024 elements.
+pub fn gpu_fused_epilogues_built() -> bool {
+    cfg!(feature = "cuda")
 }
 
 /// Whether this build has the fused attention kernel for the GPU: the `cuda` feature, built for
@@ -705,7 +792,7 @@ pub fn fused_attention_packed(
         return Ok(None);
     }
     #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
-    if !want_probs && gpu_fused_attention() {
+    if !want_probs && gpu_fused_kernels() {
         if let Some(context) = crate::cuda_attention::packed_attention(qkv, heads, bias)? {
             return Ok(Some((context, None)));
         }

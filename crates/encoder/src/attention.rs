@@ -258,9 +258,10 @@ impl BertSelfOutput {
     /// `LayerNorm(dropout(dense(context)) + residual)`.
     pub fn forward(&self, context: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if !train {
-            // The residual joins inside the projection's kernel where it can.
-            let summed = self.dense.forward_residual(context, residual)?;
-            return Ok(self.layer_norm.forward(&summed)?);
+            // The residual joins inside the projection (CPU) or the LayerNorm (CUDA) kernel.
+            return Ok(self
+                .dense
+                .forward_residual_norm(context, residual, &self.layer_norm)?);
         }
         let projected = self
             .dense

@@ -64,9 +64,12 @@ impl BertOutput {
     /// `LayerNorm(dropout(dense(intermediate)) + residual)`.
     pub fn forward(&self, intermediate: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         if !train {
-            // The residual joins inside the projection's kernel where it can.
-            let summed = self.dense.forward_residual(intermediate, residual)?;
-            return Ok(self.layer_norm.forward(&summed)?);
+            // The residual joins inside the projection (CPU) or the LayerNorm (CUDA) kernel.
+            return Ok(self.dense.forward_residual_norm(
+                intermediate,
+                residual,
+                &self.layer_norm,
+            )?);
         }
         let projected = self
             .dense

@@ -1,0 +1,153 @@
+// The element-wise work that follows BERT's linear products, fused for inference on NVIDIA GPUs,
+// in f32, f16 and bf16 (arithmetic in f32).
+//
+// Composed from candle's ops these are several kernels, each a full pass over the activations:
+// the bias add after the product, then the GELU (2 passes); and the bias add, the residual add
+// and LayerNorm, which candle's ops compose as about ten passes (mean, centre, square, mean,
+// add eps, sqrt, divide, scale, shift). Here each is one pass:
+//
+// - bias_gelu: out = gelu(x + bias), the erf form of transformers' "gelu" (BertIntermediate).
+// - residual_layer_norm: out = LayerNorm(x + bias + residual) * gamma + beta (BertSelfOutput,
+//   BertOutput; with no bias and no residual, the embeddings' LayerNorm). One warp per row,
+//   the row held in registers; mean, then the variance of the centred values (two passes over
+//   registers, as transformers' f32 LayerNorm: E[x^2] - mean^2 cancels on BERT's large-offset
+//   residual streams).
+//
+// The same source builds under a CPU emulation of the CUDA primitives it uses
+// (tests/cuda_emulation/), which checks it against plain loops in the test suite.
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace bert_epilogues {
+
+constexpr int THREADS = 128;
+constexpr int WARPS = THREADS / 32;
+
+#ifdef __CUDACC__
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+#endif
+
+// gelu(x + bias) over `total` elements of rows of `cols` (cols a multiple of the vector width,
+// x and out 16-byte aligned): each thread one 16-byte vector. Launch with ceil(total / (THREADS
+// * vector width)) blocks of THREADS threads.
+template <typename T>
+__device__ __forceinline__ void bias_gelu(const T* __restrict__ x, const T* __restrict__ bias,
+                                          T* __restrict__ out, unsigned long long total,
+                                          int cols) {
+  constexpr int VEC = 16 / sizeof(T);  // elements in one 16-byte load
+  const unsigned long long first = ((unsigned long long)blockIdx.x * THREADS + threadIdx.x) * VEC;
+  if (first >= total) return;
+  union Vector {
+    uint4 raw;
+    T element[VEC];
+  } in, result;
+  in.raw = *reinterpret_cast<const uint4*>(x + first);
+  const int column = (int)(first % (unsigned long long)cols);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float v = to_float(in.element[i]) + to_float(bias[column + i]);
+    result.element[i] = from_float<T>(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+  }
+  *reinterpret_cast<uint4*>(out + first) = result.raw;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// LayerNorm(x + bias + residual) * gamma + beta over rows of `hidden` <= 32 * PER_LANE
+// elements; bias and residual may be null. One warp per row, lane l holding columns l, l + 32,
+// ...; WARPS rows per block: launch with ceil(rows / WARPS) blocks of THREADS threads.
+template <typename T, int PER_LANE>
+__device__ __forceinline__ void residual_layer_norm(const T* __restrict__ x,
+                                                    const T* __restrict__ bias,
+                                                    const T* __restrict__ residual,
+                                                    const T* __restrict__ gamma,
+                                                    const T* __restrict__ beta,
+                                                    T* __restrict__ out, int rows, int hidden,
+                                                    float eps) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * WARPS + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: no block-wide barrier follows
+  const unsigned long long offset = (unsigned long long)row * hidden;
+  float v[PER_LANE];
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    v[j] = 0.0f;
+    if (c < hidden) {
+      float t = to_float(x[offset + c]);
+      if (bias) t += to_float(bias[c]);
+      if (residual) t += to_float(residual[offset + c]);
+      v[j] = t;
+      sum += t;
+    }
+  }
+  const float mean = warp_sum(sum) / hidden;
+  float squares = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    if (c < hidden) {
+      const float d = v[j] - mean;
+      squares += d * d;
+    }
+  }
+  const float inverse_std = rsqrtf(warp_sum(squares) / hidden + eps);
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    if (c < hidden) {
+      const float normed = (v[j] - mean) * inverse_std;
+      out[offset + c] = from_float<T>(normed * to_float(gamma[c]) + to_float(beta[c]));
+    }
+  }
+}
+
+}  // namespace bert_epilogues
+
+#ifdef __CUDACC__
+#define BERT_BIAS_GELU(NAME, T)                                                                 \
+  extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                        \
+      NAME(const T* x, const T* bias, T* out, unsigned long long total, int cols) {             \
+    bert_epilogues::bias_gelu<T>(x, bias, out, total, cols);                                    \
+  }
+BERT_BIAS_GELU(bias_gelu_f32, float)
+BERT_BIAS_GELU(bias_gelu_f16, __half)
+BERT_BIAS_GELU(bias_gelu_bf16, __nv_bfloat16)
+
+// Per-lane register counts built: hidden sizes up to 128, 256, 384, 512, 768 and 1024.
+#define BERT_LAYER_NORM(NAME, T, PER_LANE)                                                      \
+  extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                        \
+      NAME(const T* x, const T* bias, const T* residual, const T* gamma, const T* beta, T* out, \
+           int rows, int hidden, float eps) {                                                   \
+    bert_epilogues::residual_layer_norm<T, PER_LANE>(x, bias, residual, gamma, beta, out, rows, \
+                                                     hidden, eps);                              \
+  }
+#define BERT_LAYER_NORMS(T, SUFFIX)                         \
+  BERT_LAYER_NORM(residual_layer_norm_##SUFFIX##_4, T, 4)   \
+  BERT_LAYER_NORM(residual_layer_norm_##SUFFIX##_8, T, 8)   \
+  BERT_LAYER_NORM(residual_layer_norm_##SUFFIX##_12, T, 12) \
+  BERT_LAYER_NORM(residual_layer_norm_##SUFFIX##_16, T, 16) \
+  BERT_LAYER_NORM(residual_layer_norm_##SUFFIX##_24, T, 24) \
+  BERT_LAYER_NORM(residual_layer_norm_##SUFFIX##_32, T, 32)
+BERT_LAYER_NORMS(float, f32)
+BERT_LAYER_NORMS(__half, f16)
+BERT_LAYER_NORMS(__nv_bfloat16, bf16)
+#endif

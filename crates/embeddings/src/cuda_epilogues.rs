@@ -1,0 +1,238 @@
+//! The fused epilogues on CUDA (`src/cuda/epilogues.cu`, compiled to PTX by `build.rs`): for
+//! inference in f32, f16 and bf16, `gelu(x + bias)` after the intermediate projection and
+//! `LayerNorm(x + bias + residual)` after the output projections (and the embeddings' plain
+//! LayerNorm), one pass each where candle's ops take two and about ten. Their logic is checked
+//! on the CPU by the test suite (`tests/cuda_emulation/`) and on a GPU by `bert selftest
+//! --device cuda`, against the plain path.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogues.ptx"));
+const MODULE: &str = "bert_epilogues";
+/// The kernels' block shape (epilogues.cu): 128 threads, a warp per LayerNorm row.
+const THREADS: usize = 128;
+const WARPS: usize = THREADS / 32;
+/// LayerNorm builds: registers a lane, so rows of up to 32 x this many elements.
+const PER_LANE_BUILDS: [usize; 6] = [4, 8, 12, 16, 24, 32];
+
+/// Whether every tensor is on `x`'s CUDA device in its dtype, an f32, f16 or bf16 one, and
+/// none tracks a gradient (the kernels have no backward).
+fn applies(x: &Tensor, others: &[&Tensor]) -> bool {
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && !x.track_op()
+        && others
+            .iter()
+            .all(|t| t.dtype() == x.dtype() && t.device().same_device(x.device()) && !t.track_op())
+}
+
+/// The kernel's name for `dtype`: `{base}_f32`, `_f16` or `_bf16`.
+fn kernel_name(base: &str, dtype: DType) -> String {
+    format!("{base}_{}", format!("{dtype:?}").to_lowercase())
+}
+
+/// A tensor's CUDA storage, held for reading while a kernel is launched on it.
+struct Held<'a> {
+    storage: candle_core::StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl<'a> Held<'a> {
+    fn new(t: &'a Tensor) -> Self {
+        let (storage, layout) = t.storage_and_layout();
+        Self { storage, layout }
+    }
+
+    fn cuda(&self) -> candle_core::Result<&CudaStorage> {
+        match &*self.storage {
+            Storage::Cuda(cuda) => Ok(cuda),
+            _ => candle_core::bail!("epilogue kernels: a tensor is not on CUDA"),
+        }
+    }
+
+    /// The elements as a view, from the layout's start (the tensor is contiguous).
+    fn view<T: CudaDType>(&self) -> candle_core::Result<CudaView<'_, T>> {
+        let Some((start, end)) = self.layout.contiguous_offsets() else {
+            candle_core::bail!("epilogue kernels: inputs must be contiguous")
+        };
+        Ok(self.cuda()?.as_cuda_slice::<T>()?.slice(start..end))
+    }
+}
+
+fn to_i32(n: usize) -> candle_core::Result<i32> {
+    i32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{n} exceeds i32")))
+}
+
+fn grid(blocks: usize) -> candle_core::Result<LaunchConfig> {
+    let blocks = u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{blocks} blocks exceed the grid")))?;
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A fresh tensor of `shape` (contiguous, no gradient) around `out`.
+fn wrap<T: CudaDType>(
+    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    device: &CudaDevice,
+    shape: &[usize],
+) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// `gelu(x + bias)` (erf form) for `x: [.., cols]` and `bias: [cols]` on CUDA; `None` where the
+/// kernel does not apply (see [`applies`]; also `cols` a multiple of one 16-byte vector).
+pub(crate) fn bias_gelu(x: &Tensor, bias: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let cols = x.dims().last().copied().unwrap_or(0);
+    let vector = 16 / x.dtype().size_in_bytes();
+    if !applies(x, &[bias]) || bias.dims() != [cols] || cols == 0 || !cols.is_multiple_of(vector) {
+        return Ok(None);
+    }
+    let (x, bias) = (x.contiguous()?, bias.contiguous()?);
+    // 16-byte loads: the element offset of x's start must be a whole vector.
+    if !x.layout().start_offset().is_multiple_of(vector) {
+        return Ok(None);
+    }
+    let out = match x.dtype() {
+        DType::F32 => launch_bias_gelu::<f32>(&x, &bias)?,
+        DType::F16 => launch_bias_gelu::<half::f16>(&x, &bias)?,
+        _ => launch_bias_gelu::<half::bf16>(&x, &bias)?,
+    };
+    Ok(Some(out))
+}
+
+fn launch_bias_gelu<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (held_x, held_bias) = (Held::new(x), Held::new(bias));
+    let device = held_x.cuda()?.device.clone();
+    let func = device.get_or_load_custom_func(&kernel_name("bias_gelu", x.dtype()), MODULE, PTX)?;
+    let total = x.elem_count();
+    let cols = to_i32(bias.elem_count())?;
+    let total_u64 = total as u64;
+    let vector = 16 / x.dtype().size_in_bytes();
+    // SAFETY: the kernel writes every element (one 16-byte vector a thread, total a multiple).
+    let out = unsafe { device.alloc::<T>(total)? };
+    let (x_view, bias_view) = (held_x.view::<T>()?, held_bias.view::<T>()?);
+    let mut builder = func.builder();
+    builder.arg(&x_view);
+    builder.arg(&bias_view);
+    builder.arg(&out);
+    builder.arg(&total_u64);
+    builder.arg(&cols);
+    // SAFETY: the arguments match the kernel's signature; sizes and alignment were checked.
+    unsafe { builder.launch(grid(total.div_ceil(THREADS * vector))?) }.w()?;
+    Ok(wrap(out, &device, x.dims()))
+}
+
+/// `LayerNorm(x + bias + residual) * gamma + beta` over the last dimension on CUDA, `bias`
+/// (`[hidden]`) and `residual` (shaped as `x`) optional; `None` where the kernel does not apply
+/// (see [`applies`]; also rows of more than 1024 elements).
+pub(crate) fn residual_layer_norm(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let hidden = x.dims().last().copied().unwrap_or(0);
+    let mut others = vec![gamma, beta];
+    others.extend(bias);
+    others.extend(residual);
+    let per_lane = PER_LANE_BUILDS
+        .into_iter()
+        .find(|&registers| 32 * registers >= hidden);
+    let shapes_fit = gamma.dims() == [hidden]
+        && beta.dims() == [hidden]
+        && bias.is_none_or(|b| b.dims() == [hidden])
+        && residual.is_none_or(|r| r.dims() == x.dims());
+    let (Some(per_lane), true, true) = (per_lane, shapes_fit, applies(x, &others)) else {
+        return Ok(None);
+    };
+    if hidden == 0 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let (gamma, beta) = (gamma.contiguous()?, beta.contiguous()?);
+    let inputs = LayerNormInputs {
+        x: &x,
+        bias: bias.as_ref(),
+        residual: residual.as_ref(),
+        gamma: &gamma,
+        beta: &beta,
+    };
+    let out = match x.dtype() {
+        DType::F32 => inputs.launch::<f32>(per_lane, eps)?,
+        DType::F16 => inputs.launch::<half::f16>(per_lane, eps)?,
+        _ => inputs.launch::<half::bf16>(per_lane, eps)?,
+    };
+    Ok(Some(out))
+}
+
+/// The contiguous inputs of one residual LayerNorm launch.
+struct LayerNormInputs<'a> {
+    x: &'a Tensor,
+    bias: Option<&'a Tensor>,
+    residual: Option<&'a Tensor>,
+    gamma: &'a Tensor,
+    beta: &'a Tensor,
+}
+
+impl LayerNormInputs<'_> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        per_lane: usize,
+        eps: f64,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self.gamma.elem_count();
+        let rows = self.x.elem_count() / hidden;
+        let held_x = Held::new(self.x);
+        let held_bias = self.bias.map(Held::new);
+        let held_residual = self.residual.map(Held::new);
+        let (held_gamma, held_beta) = (Held::new(self.gamma), Held::new(self.beta));
+        let device = held_x.cuda()?.device.clone();
+        let name = kernel_name("residual_layer_norm", self.x.dtype());
+        let func = device.get_or_load_custom_func(&format!("{name}_{per_lane}"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every element of every row.
+        let out = unsafe { device.alloc::<T>(rows * hidden)? };
+        let x = held_x.view::<T>()?;
+        let bias = held_bias.as_ref().map(Held::view::<T>).transpose()?;
+        let residual = held_residual.as_ref().map(Held::view::<T>).transpose()?;
+        let (gamma, beta) = (held_gamma.view::<T>()?, held_beta.view::<T>()?);
+        let null: u64 = 0; // a null device pointer: no bias, or no residual
+        let (rows_i32, hidden_i32, eps) = (to_i32(rows)?, to_i32(hidden)?, eps as f32);
+        let mut builder = func.builder();
+        builder.arg(&x);
+        match &bias {
+            Some(bias) => builder.arg(bias),
+            None => builder.arg(&null),
+        };
+        match &residual {
+            Some(residual) => builder.arg(residual),
+            None => builder.arg(&null),
+        };
+        builder.arg(&gamma);
+        builder.arg(&beta);
+        builder.arg(&out);
+        builder.arg(&rows_i32);
+        builder.arg(&hidden_i32);
+        builder.arg(&eps);
+        // SAFETY: the arguments match the kernel's signature; every size was checked against
+        // x's `[rows, hidden]`, and `hidden` fits this build's registers.
+        unsafe { builder.launch(grid(rows.div_ceil(WARPS))?) }.w()?;
+        Ok(wrap(out, &device, self.x.dims()))
+    }
+}

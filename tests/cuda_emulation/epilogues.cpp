@@ -1,0 +1,57 @@
+// The fused bias/GELU and residual/LayerNorm kernels' source under the CPU emulation
+// (emulate.h), launched over the same grids as on the GPU. Called from the test suite
+// (tests/src/lib.rs, cuda_emulation).
+#include "emulate.h"
+
+namespace bert_epilogues {
+inline float to_float(float x) { return x; }
+template <typename T>
+T from_float(float x);
+template <>
+inline float from_float<float>(float x) {
+  return x;
+}
+}  // namespace bert_epilogues
+
+#include "../../crates/embeddings/src/cuda/epilogues.cu"
+
+// x, out: `total` floats in rows of `cols`; both multiples of 4 (one 16-byte vector a thread).
+// Returns 0, or 1 for sizes the kernel does not take.
+extern "C" int emulated_bias_gelu(const float* x, const float* bias, float* out,
+                                  unsigned long long total, int cols) {
+  using namespace bert_epilogues;
+  constexpr int VEC = 4;
+  if (cols <= 0 || cols % VEC != 0 || total % cols != 0) return 1;
+  const int blocks = (int)((total + THREADS * VEC - 1) / (THREADS * VEC));
+  emulation::launch({blocks, 1, 1}, THREADS, [=] { bias_gelu<float>(x, bias, out, total, cols); });
+  return 0;
+}
+
+// x, residual, out: [rows, hidden]; bias, gamma, beta: [hidden]; bias and residual may be null.
+// `per_lane` picks the build (4, 8, 12, 16, 24 or 32 registers a lane; hidden <= 32 * per_lane).
+// Returns 0, or 1 for a per_lane that is not built or too small.
+extern "C" int emulated_residual_layer_norm(const float* x, const float* bias,
+                                            const float* residual, const float* gamma,
+                                            const float* beta, float* out, int rows, int hidden,
+                                            float eps, int per_lane) {
+  using namespace bert_epilogues;
+  if (hidden <= 0 || hidden > 32 * per_lane) return 1;
+  const int blocks = (rows + WARPS - 1) / WARPS;
+#define BERT_EMULATED_LAYER_NORM(N)                                                        \
+  case N:                                                                                  \
+    emulation::launch({blocks, 1, 1}, THREADS, [=] {                                       \
+      residual_layer_norm<float, N>(x, bias, residual, gamma, beta, out, rows, hidden, eps); \
+    });                                                                                    \
+    return 0;
+  switch (per_lane) {
+    BERT_EMULATED_LAYER_NORM(4)
+    BERT_EMULATED_LAYER_NORM(8)
+    BERT_EMULATED_LAYER_NORM(12)
+    BERT_EMULATED_LAYER_NORM(16)
+    BERT_EMULATED_LAYER_NORM(24)
+    BERT_EMULATED_LAYER_NORM(32)
+    default:
+      return 1;
+  }
+#undef BERT_EMULATED_LAYER_NORM
+}

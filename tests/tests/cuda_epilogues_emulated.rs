@@ -1,0 +1,135 @@
+//! The GPU epilogue kernels' logic, checked without a GPU: `crates/embeddings/src/cuda/
+//! epilogues.cu` built under the CPU emulation of `tests/cuda_emulation/` (f32 elements)
+//! against plain loops in f64. Bias + GELU over partial last blocks and several widths;
+//! bias + residual + LayerNorm for every register build, rows that fill a lane's registers
+//! exactly or partly, blocks with idle warps, every combination of bias and residual, and rows
+//! far from zero mean (where `E[x^2] - mean^2` would cancel).
+
+use bert::bert_embeddings::nn::SplitMix64;
+use bert_tests::cuda_emulation::{bias_gelu, residual_layer_norm};
+
+fn normal(rng: &mut SplitMix64, n: usize, scale: f64, offset: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| (offset + scale * rng.next_normal()) as f32)
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&a, &b)| {
+            if a.is_finite() {
+                (a as f64 - b).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn bias_gelu_matches_the_plain_loop() {
+    let mut rng = SplitMix64(11);
+    // (rows, cols): one partial block, several blocks with a partial last one, wide rows.
+    for (rows, cols) in [(1, 8), (3, 384), (5, 1536), (2, 3072)] {
+        let x = normal(&mut rng, rows * cols, 3.0, 0.0);
+        let bias = normal(&mut rng, cols, 1.0, 0.0);
+        let ours = bias_gelu(&x, &bias).expect("a width the kernel takes");
+        let expected: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let v = x as f64 + bias[i % cols] as f64;
+                0.5 * v * (1.0 + candle_core::cpu::erf::erf_f64(v / std::f64::consts::SQRT_2))
+            })
+            .collect();
+        let diff = max_diff(&ours, &expected);
+        assert!(diff <= 2e-6, "{rows} x {cols}: max |diff| {diff:e}");
+    }
+    assert!(
+        bias_gelu(&[0.0; 12], &[0.0; 6]).is_none(),
+        "rows that are not whole vectors are refused"
+    );
+}
+
+fn plain_layer_norm(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f64,
+) -> Vec<f64> {
+    let hidden = gamma.len();
+    let mut out = Vec::with_capacity(x.len());
+    for (r, row) in x.chunks(hidden).enumerate() {
+        let v: Vec<f64> = row
+            .iter()
+            .enumerate()
+            .map(|(c, &x)| {
+                x as f64
+                    + bias.map_or(0.0, |b| b[c] as f64)
+                    + residual.map_or(0.0, |res| res[r * hidden + c] as f64)
+            })
+            .collect();
+        let mean = v.iter().sum::<f64>() / hidden as f64;
+        let variance = v.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / hidden as f64;
+        let inverse_std = 1.0 / (variance + eps).sqrt();
+        out.extend(
+            v.iter()
+                .enumerate()
+                .map(|(c, v)| (v - mean) * inverse_std * gamma[c] as f64 + beta[c] as f64),
+        );
+    }
+    out
+}
+
+#[test]
+fn residual_layer_norm_matches_the_plain_loop() {
+    let mut rng = SplitMix64(12);
+    // (rows, hidden, registers a lane): exact fits, partial lanes, a build larger than needed,
+    // and row counts that leave warps of the last block idle.
+    let cases = [
+        (5, 384, 12),
+        (7, 384, 16),
+        (1, 100, 4),
+        (2, 32, 4),
+        (9, 768, 24),
+        (3, 1024, 32),
+        (4, 200, 8),
+    ];
+    for (rows, hidden, per_lane) in cases {
+        // BERT's residual streams sit far from zero mean: offset 300, spread 1.
+        let x = normal(&mut rng, rows * hidden, 1.0, 300.0);
+        let bias = normal(&mut rng, hidden, 0.5, 0.0);
+        let residual = normal(&mut rng, rows * hidden, 1.0, -20.0);
+        let gamma = normal(&mut rng, hidden, 0.3, 1.0);
+        let beta = normal(&mut rng, hidden, 0.3, 0.0);
+        for (with_bias, with_residual) in
+            [(true, true), (false, true), (true, false), (false, false)]
+        {
+            let bias = with_bias.then_some(bias.as_slice());
+            let residual = with_residual.then_some(residual.as_slice());
+            let ours = residual_layer_norm(&x, bias, residual, (&gamma, &beta), 1e-12, per_lane)
+                .expect("a build that fits the row");
+            let expected = plain_layer_norm(&x, bias, residual, (&gamma, &beta), 1e-12);
+            let diff = max_diff(&ours, &expected);
+            // The f32 sum x + bias + residual rounds by ~1.5e-5 near 280 and the spread is
+            // about 1, so that is the kernel's floor; a one-pass variance misses by ~1e-3.
+            assert!(
+                diff <= 2e-4,
+                "{rows} x {hidden} ({per_lane} a lane, bias {with_bias}, residual \
+                 {with_residual}): max |diff| {diff:e}"
+            );
+        }
+    }
+    let ones = vec![1.0f32; 200];
+    assert!(
+        residual_layer_norm(&ones, None, None, (&ones, &ones), 1e-12, 4).is_none(),
+        "a row wider than 32 x registers is refused"
+    );
+    assert!(
+        residual_layer_norm(&ones, None, None, (&ones, &ones), 1e-12, 5).is_none(),
+        "a register count that is not built is refused"
+    );
+}
