@@ -6,7 +6,9 @@
 //! far from zero mean (where `E[x^2] - mean^2` would cancel).
 
 use bert::bert_embeddings::nn::SplitMix64;
+use bert::{Device, Tensor};
 use bert_tests::cuda_emulation::{bias_gelu, residual_layer_norm};
+use bert_tests::max_abs_diff;
 
 fn normal(rng: &mut SplitMix64, n: usize, scale: f64, offset: f64) -> Vec<f32> {
     (0..n)
@@ -14,18 +16,12 @@ fn normal(rng: &mut SplitMix64, n: usize, scale: f64, offset: f64) -> Vec<f32> {
         .collect()
 }
 
-fn max_diff(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| {
-            if a.is_finite() {
-                (a as f64 - b).abs()
-            } else {
-                f64::INFINITY
-            }
-        })
-        .fold(0.0, f64::max)
+/// [`max_abs_diff`] of the kernel's f32 output and the f64 expectation (a non-finite value
+/// counts as infinitely far).
+fn max_diff(ours: &[f32], expected: &[f64]) -> f64 {
+    let ours = Tensor::from_slice(ours, ours.len(), &Device::Cpu).unwrap();
+    let expected = Tensor::from_slice(expected, expected.len(), &Device::Cpu).unwrap();
+    max_abs_diff(&ours, &expected)
 }
 
 #[test]

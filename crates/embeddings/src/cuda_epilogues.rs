@@ -104,16 +104,18 @@ pub(crate) fn bias_gelu(x: &Tensor, bias: &Tensor) -> candle_core::Result<Option
         return Ok(None);
     }
     let out = match x.dtype() {
-        DType::F32 => launch_bias_gelu::<f32>(&x, &bias)?,
-        DType::F16 => launch_bias_gelu::<half::f16>(&x, &bias)?,
-        _ => launch_bias_gelu::<half::bf16>(&x, &bias)?,
+        DType::F32 => launch_bias_gelu::<f32>(&x, &bias, vector)?,
+        DType::F16 => launch_bias_gelu::<half::f16>(&x, &bias, vector)?,
+        _ => launch_bias_gelu::<half::bf16>(&x, &bias, vector)?,
     };
     Ok(Some(out))
 }
 
+/// The launch, `vector` elements a thread.
 fn launch_bias_gelu<T: CudaDType + DeviceRepr>(
     x: &Tensor,
     bias: &Tensor,
+    vector: usize,
 ) -> candle_core::Result<Tensor> {
     let (held_x, held_bias) = (Held::new(x), Held::new(bias));
     let device = held_x.cuda()?.device.clone();
@@ -121,7 +123,6 @@ fn launch_bias_gelu<T: CudaDType + DeviceRepr>(
     let total = x.elem_count();
     let cols = to_i32(bias.elem_count())?;
     let total_u64 = total as u64;
-    let vector = 16 / x.dtype().size_in_bytes();
     // SAFETY: the kernel writes every element (one 16-byte vector a thread, total a multiple).
     let out = unsafe { device.alloc::<T>(total)? };
     let (x_view, bias_view) = (held_x.view::<T>()?, held_bias.view::<T>()?);
