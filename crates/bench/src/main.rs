@@ -8,6 +8,11 @@
 //! `infer`: the encoder's forward pass (token ids to last hidden states, inference mode) on a
 //! fixed batch, by this project's `BertModel` or by candle-transformers' (`--peer`, the same
 //! weights): the inference half of `crates/bench/scripts/compare_inference.py`.
+//!
+//! `fma-peak`: the CPU's measured f32 multiply-add peak ([`peak`]), for reading the tables as
+//! fractions of the arithmetic limit.
+
+mod peak;
 
 use std::time::Instant;
 
@@ -60,6 +65,18 @@ enum Command {
     },
     /// Time the encoder's forward pass (inference) on a fixed batch.
     Infer(InferArgs),
+    /// Measure the CPU's f32 fused multiply-add peak (GFLOP/s), the tables' roofline.
+    FmaPeak {
+        /// Threads running at once (one per core measured).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Repeats; the best is reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Loop steps per thread and repeat (12 vector multiply-adds each).
+        #[arg(long, default_value_t = 50_000_000)]
+        steps: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -127,6 +144,11 @@ fn main() -> Result<()> {
             train_step(&model, shape, lora, &device, compute_dtype)
         }
         Command::Infer(args) => infer(&args),
+        Command::FmaPeak {
+            threads,
+            repeats,
+            steps,
+        } => peak::fma_peak(threads, repeats, steps),
     }
 }
 
