@@ -16,7 +16,10 @@ round to round; the reported time is the median of all its timed runs (rounds x 
 default), after `--warmup` untimed passes in each process. Thread counts are set for each peer
 (RAYON_NUM_THREADS; torch.set_num_threads; ORT's intra_op_num_threads with one inter-op thread;
 OMP_NUM_THREADS and MKL_NUM_THREADS as well). Every implementation's last hidden states are
-checked against PyTorch eager's (the first token's first 8 values and the mean |h|).
+checked against PyTorch eager's (the first token's first 8 values and the mean |h|). Before
+each round `bert-bench fma-peak` measures the CPU's multiply-add peak on that many threads at
+once; the table gives its range over the cell's rounds (on a shared VM the second vCPU's share
+moves from minute to minute, and every implementation's time with it).
 
 Also measures time to first score: `bert score A B` (release build, warm model cache), process
 start to printed score, median of 5 after one untimed call.
@@ -110,6 +113,17 @@ def time_to_first_score(args, runs=5):
     return {"command": " ".join(cmd[1:]), "runs_s": times, "median_s": statistics.median(times)}
 
 
+def fma_peak(args, threads):
+    """The CPU's FMA peak right now (`bert-bench fma-peak`, GFLOP/s on `threads` threads at once),
+    or None where it cannot be measured (no AVX2/AVX-512 unit): on a shared machine the peak two
+    threads get moves from minute to minute, and a table is read against it."""
+    done = subprocess.run([args.bench, "fma-peak", "--threads", str(threads), "--repeats", "3"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.splitlines()[-1])["gflops_total"]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -142,7 +156,9 @@ def main():
     for threads in thread_counts:
         for batch, seq in grid:
             runs = {i: [] for i in impls}
+            peaks = []
             for r in range(args.rounds):
+                peaks.append(fma_peak(args, threads))
                 for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
                     runs[impl].append(measure(impl, args, batch, seq, threads, onnx))
                     print(f"{threads}t {batch}x{seq} round {r} {impl}: {runs[impl][-1]['median_s'] * 1e3:.1f} ms", file=sys.stderr)
@@ -152,7 +168,8 @@ def main():
                 median_s = statistics.median(all_s)
                 row = {"impl": impl, "threads": threads, "batch": batch, "seq": seq, "timed_runs": len(all_s),
                        "median_ms": median_s * 1e3, "seq_per_s": batch / median_s,
-                       "peak_rss_mb": max((run["peak_rss_mb"] or 0) for run in rs)}
+                       "peak_rss_mb": max((run["peak_rss_mb"] or 0) for run in rs),
+                       "fma_peak_gflops": peaks}
                 if reference:
                     ref = reference[-1]
                     row["max_diff_vs_torch"] = max(abs(a - b) for a, b in zip(rs[-1]["first_token"], ref["first_token"]))
@@ -185,8 +202,8 @@ def print_tables(meta, results, impls, thread_counts, grid):
     for threads in thread_counts:
         print(f"### {threads} thread{'s' if threads > 1 else ''}: sequences/s (median ms), peak RSS MB")
         print()
-        print("| batch x seq | " + " | ".join(impls) + " | bert-rs / best PyTorch-ORT |")
-        print("|---" * (len(impls) + 2) + "|")
+        print("| batch x seq | " + " | ".join(impls) + " | bert-rs / best PyTorch-ORT | FMA peak, GFLOP/s |")
+        print("|---" * (len(impls) + 3) + "|")
         for batch, seq in grid:
             cells = {r["impl"]: r for r in results if r["threads"] == threads and (r["batch"], r["seq"]) == (batch, seq)}
             line = [f"{batch} x {seq}"]
@@ -196,7 +213,9 @@ def print_tables(meta, results, impls, thread_counts, grid):
                 line.append(f"{r['seq_per_s']:.1f} ({r['median_ms']:.1f} ms), {r['peak_rss_mb']:.0f} MB{flag}")
             peers = [cells[i]["seq_per_s"] for i in PEERS if i in cells]
             ratio = f"{cells['bert-rs']['seq_per_s'] / max(peers):.2f}x" if peers and "bert-rs" in cells else "-"
-            print("| " + " | ".join(line + [ratio]) + " |")
+            peaks = [g for g in next(iter(cells.values())).get("fma_peak_gflops", []) if g]
+            peak = f"{min(peaks):.0f}-{max(peaks):.0f}" if peaks else "-"
+            print("| " + " | ".join(line + [ratio, peak]) + " |")
         print()
     if meta["time_to_first_score"]:
         t = meta["time_to_first_score"]
