@@ -145,9 +145,14 @@ struct FinetuneArgs {
         requires = "lora"
     )]
     lora_targets: Vec<String>,
-    /// Continue from OUT/last exactly where it stopped.
-    #[arg(long)]
+    /// Continue from OUT/last exactly where it stopped (the run's own settings and data: others
+    /// are refused, naming each difference).
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace the run OUT already holds (its checkpoints, log and model); without it such an
+    /// OUT is refused unless --resume.
+    #[arg(long)]
+    overwrite: bool,
     /// Draw batches as a uniform shuffle (as CrossEncoder.fit's DataLoader does) instead of
     /// grouping pairs of similar length (less padding, faster).
     #[arg(long)]
@@ -266,6 +271,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         dtype,
         compute_dtype: args.compute_dtype.as_deref().map(parse_dtype).transpose()?,
         resume: args.resume,
+        overwrite: args.overwrite,
         ..TrainConfig::default()
     };
     eprintln!(

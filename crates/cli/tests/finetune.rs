@@ -165,6 +165,103 @@ fn full_disk_while_writing_a_checkpoint_keeps_the_last_one() {
     assert_eq!(resumed["best"], expected["best"]);
 }
 
+#[test]
+fn resume_refuses_a_run_with_other_settings_or_data() {
+    let (dir, model, train, eval) = workspace((24, 0), (8, 3));
+    let out = dir.path().join("run").display().to_string();
+    let finished = report(&run(&finetune_args(&model, &train, &eval, &out)));
+    let resume_with = |train: &str, lr: &str| {
+        let mut args = finetune_args(&model, train, &eval, &out);
+        let at = args.iter().position(|a| *a == "--lr").unwrap() + 1;
+        args[at] = lr;
+        args.push("--resume");
+        run(&args)
+    };
+    let refused = |out: &Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("belongs to a run with other settings or data"),
+            "{stderr}"
+        );
+        stderr
+    };
+
+    // Another learning rate: the schedule would not be the run's.
+    let stderr = refused(&resume_with(&train, "2e-3"));
+    assert!(
+        stderr.contains("lr: 0.001 in the checkpoint, 0.002 now"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("train_data"), "{stderr}");
+    // Other training data, same length: the batches would index other pairs.
+    let other = write_data(dir.path(), "other.tsv", 24, 1)
+        .display()
+        .to_string();
+    let stderr = refused(&resume_with(&other, "1e-3"));
+    assert!(
+        stderr.contains("train_data: \"24 pairs, sha256 "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("lr:"), "{stderr}");
+    // The run's own settings and data resume (it had finished: nothing left to train).
+    let resumed = report(&resume_with(&train, "1e-3"));
+    assert_eq!(resumed["steps"], finished["steps"]);
+    assert_eq!(resumed["final"], finished["final"]);
+}
+
+#[test]
+fn an_output_directory_holding_a_run_is_refused_unless_resumed_or_overwritten() {
+    let (dir, tiny_model, train, eval) = workspace((24, 0), (8, 3));
+    // A copy of the base model, so that a failing guard cannot overwrite the fixture.
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(&tiny_model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    let model = base.display().to_string();
+    let out = dir.path().join("run");
+    let out_str = out.display().to_string();
+    report(&run(&finetune_args(&model, &train, &eval, &out_str)));
+    let weights = std::fs::read(out.join("model.safetensors")).unwrap();
+    let refused = |out: &Output, expected: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    };
+
+    // A second run into the same directory: refused, the first run's files untouched.
+    refused(
+        &run(&finetune_args(&model, &train, &eval, &out_str)),
+        "already holds a run (last, last.previous, best, metrics.jsonl, training_curve.svg, \
+         config.json, model.safetensors, tokenizer.json): pass --resume to continue it, \
+         --overwrite to replace it",
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        weights
+    );
+    // --overwrite replaces it: a LoRA run leaves none of the whole model's files behind.
+    let mut args = finetune_args(&model, &train, &eval, &out_str);
+    args.extend(["--overwrite", "--lora", "4"]);
+    report(&run(&args));
+    assert!(!out.join("model.safetensors").exists());
+    assert!(out.join("adapter_model.safetensors").exists());
+    // Both flags at once is a usage error.
+    args.push("--resume");
+    assert_eq!(run(&args).status.code(), Some(2));
+    // The base model's own directory is never an output.
+    refused(
+        &run(&finetune_args(&model, &train, &eval, &model)),
+        "is the base model's: choose another --out",
+    );
+    assert_eq!(
+        std::fs::read(base.join("model.safetensors")).unwrap(),
+        std::fs::read(Path::new(&tiny_model).join("model.safetensors")).unwrap()
+    );
+}
+
 /// What to do to the checkpoint a killed run left before resuming it.
 #[derive(Clone, Copy, PartialEq)]
 enum Damage {

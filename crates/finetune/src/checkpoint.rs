@@ -44,6 +44,10 @@ pub struct TrainingState {
     pub best_score: Option<f64>,
     /// The step that reached it.
     pub best_step: Option<u64>,
+    /// The settings and data fingerprints the run started with (`run_settings` in the trainer);
+    /// a resume must match them. Absent in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<serde_json::Value>,
 }
 
 /// What a checkpoint holds.
@@ -220,6 +224,72 @@ pub fn remove_stale_staging(out: &Path) -> Result<()> {
         if name.starts_with('.') && name.contains(".staging-") && entry.path().is_dir() {
             fs::remove_dir_all(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
         }
+    }
+    Ok(())
+}
+
+/// What a run leaves in its output directory: checkpoints, logs and the final model's files
+/// (with the tokenizer files).
+const RUN_OUTPUTS: &[&str] = &[
+    "last",
+    "last.previous",
+    "best",
+    "best.previous",
+    "metrics.jsonl",
+    "training_curve.svg",
+    "config.json",
+    "model.safetensors",
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+];
+
+/// Makes `out` ready for a run from the model in `base_dir`. Refuses the base model's own
+/// directory (the final model would overwrite it), and a directory holding another run's
+/// checkpoints, log or model unless the run resumes it or `overwrite` asks to replace it; then
+/// that run's outputs are removed first, so none of them is taken for the new run's.
+pub fn prepare_out_dir(out: &Path, base_dir: &Path, resume: bool, overwrite: bool) -> Result<()> {
+    if resume && overwrite {
+        return Err(Error::Setting(
+            "--resume continues the run in the output directory and --overwrite replaces it: \
+             choose one"
+                .into(),
+        ));
+    }
+    let same = |a: &Path, b: &Path| match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(out, base_dir) {
+        return Err(Error::Setting(format!(
+            "the output directory {} is the base model's: choose another --out",
+            out.display()
+        )));
+    }
+    let found: Vec<&str> = RUN_OUTPUTS
+        .iter()
+        .chain(TOKENIZER_FILES)
+        .copied()
+        .filter(|name| out.join(name).exists())
+        .collect();
+    if found.is_empty() || resume {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(Error::Setting(format!(
+            "{} already holds a run ({}): pass --resume to continue it, --overwrite to replace \
+             it, or choose another --out",
+            out.display(),
+            found.join(", ")
+        )));
+    }
+    for name in found {
+        let path = out.join(name);
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| Error::io(&path, e))?;
     }
     Ok(())
 }

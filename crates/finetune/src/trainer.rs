@@ -16,7 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::checkpoint::{
-    previous_of, read_state, remove_stale_staging, resumable, write_model, TrainingState, Weights,
+    prepare_out_dir, previous_of, read_state, remove_stale_staging, resumable, write_model,
+    TrainingState, Weights,
 };
 use crate::data::{epoch_batches, Batching, Dataset, LabeledPair};
 use crate::error::{Error, Result};
@@ -66,8 +67,12 @@ pub struct TrainConfig {
     /// Mixed precision: the forward and backward passes compute in this dtype (bf16 or f16)
     /// over weights kept in `dtype` (f32); see `ForwardOptions::compute_dtype`.
     pub compute_dtype: Option<DType>,
-    /// Continue from `OUT/last` exactly where it stopped.
+    /// Continue from `OUT/last` exactly where it stopped; refused when this recipe or the data
+    /// differ from what the run started with.
     pub resume: bool,
+    /// Replace the run an output directory already holds (else such a directory is refused
+    /// unless `resume`).
+    pub overwrite: bool,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +96,7 @@ impl Default for TrainConfig {
             dtype: DType::F32,
             compute_dtype: None,
             resume: false,
+            overwrite: false,
         }
     }
 }
@@ -242,6 +248,7 @@ pub fn train(
         ));
     }
     let (dtype, resume) = (cfg.dtype, cfg.resume);
+    prepare_out_dir(out, &base.dir, resume, cfg.overwrite)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     remove_stale_staging(out)?;
     let last_dir = out.join("last");
@@ -364,6 +371,7 @@ pub fn train(
             ..AdamWConfig::default()
         },
     )?;
+    let settings = run_settings(cfg, max_length, config.num_labels, train, eval);
     let mut state = TrainingState {
         step: 0,
         epoch: 0,
@@ -371,6 +379,7 @@ pub fn train(
         seed: cfg.seed,
         best_score: None,
         best_step: None,
+        run: Some(settings.clone()),
     };
     if let Some(dir) = &resume_from {
         let (saved, moments) = read_state(dir, device)?;
@@ -380,8 +389,12 @@ pub fn train(
                 cfg.seed, saved.seed
             )));
         }
+        check_same_run(dir, saved.run.as_ref(), &settings)?;
         optimizer.restore(&moments, saved.step)?;
-        state = saved;
+        state = TrainingState {
+            run: Some(settings),
+            ..saved
+        };
     }
 
     // Token lengths decide the length buckets; computing them once is cheap.
@@ -534,6 +547,115 @@ pub fn train(
         pairs_per_second: trained_pairs as f64 / train_time.max(1e-9),
         model_dir: out.to_path_buf(),
     })
+}
+
+/// Everything besides the seed that decides a run's course: the schedule's and optimiser's
+/// settings, how batches are made, what trains, and fingerprints of the training and evaluation
+/// data. Saved in the training state, so that `--resume` continues only the run the checkpoint
+/// began (other settings or data would silently make a different run).
+fn run_settings(
+    cfg: &TrainConfig,
+    max_length: usize,
+    num_labels: usize,
+    train: &Dataset,
+    eval: Option<&Dataset>,
+) -> serde_json::Value {
+    let trainable = match &cfg.trainable {
+        Trainable::All => json!("all"),
+        Trainable::HeadOnly => json!("head"),
+        Trainable::Lora(lora) => json!({"lora": {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "lora_dropout": lora.lora_dropout,
+            "target_modules": lora.target_modules,
+            "modules_to_save": lora.modules_to_save,
+            "use_rslora": lora.use_rslora,
+        }}),
+    };
+    json!({
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "lr": cfg.lr,
+        "warmup_ratio": cfg.warmup_ratio,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "eval_steps": cfg.eval_steps,
+        "max_length": max_length,
+        "batching": match cfg.batching {
+            Batching::LengthBuckets => "length_buckets",
+            Batching::Uniform => "uniform",
+        },
+        "truncation": match cfg.truncation {
+            Truncation::LongestFirst => "longest_first",
+            Truncation::OnlyFirst => "only_first",
+            Truncation::OnlySecond => "only_second",
+        },
+        "trainable": trainable,
+        "num_labels": num_labels,
+        "dtype": cfg.dtype.as_str(),
+        "compute_dtype": cfg.compute_dtype.map(|d| d.as_str()),
+        "train_data": data_fingerprint(train),
+        "eval_data": eval.map(data_fingerprint),
+    })
+}
+
+/// `N pairs, sha256 H` of a dataset's usable pairs (texts and labels, in order): the same file
+/// read with the same bad-row policy gives the same fingerprint.
+fn data_fingerprint(data: &Dataset) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for pair in &data.pairs {
+        // Unit and record separators cannot be confused with text: rows never run together.
+        hasher.update(pair.text_a.as_bytes());
+        hasher.update([0x1f]);
+        hasher.update(pair.text_b.as_bytes());
+        hasher.update([0x1f]);
+        hasher.update(pair.label.to_le_bytes());
+        hasher.update([0x1e]);
+    }
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{} pairs, sha256 {digest}", data.pairs.len())
+}
+
+/// Refuses to resume the checkpoint in `dir` with settings or data other than its run's, naming
+/// each difference. A checkpoint from before the settings were recorded resumes with a warning.
+fn check_same_run(
+    dir: &Path,
+    saved: Option<&serde_json::Value>,
+    now: &serde_json::Value,
+) -> Result<()> {
+    let Some(saved) = saved else {
+        eprintln!(
+            "warning: {} records no run settings (written by an older version): cannot check \
+             that this run's settings and data are the ones it started with",
+            dir.display()
+        );
+        return Ok(());
+    };
+    let differences: Vec<String> = now
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, value)| saved.get(key.as_str()) != Some(value))
+        .map(|(key, value)| {
+            let before = saved.get(key.as_str()).unwrap_or(&serde_json::Value::Null);
+            format!("{key}: {before} in the checkpoint, {value} now")
+        })
+        .collect();
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Setting(format!(
+        "--resume: {} belongs to a run with other settings or data ({}); resume with the run's \
+         own, or start a new run from its weights with --model",
+        dir.display(),
+        differences.join("; ")
+    )))
 }
 
 /// The files of a checkpoint this harness wrote: a whole model, or an adapter on `base`.

@@ -42,6 +42,7 @@ model_dir=$(tests/scripts/lee/base_model_dir.sh)
 start_ours=()
 if [ -n "${START_OURS:-}" ]; then start_ours=(--model "$START_OURS"); fi
 read -r -a ours_flags <<< "${OURS_FLAGS:-}"
+rm -rf "$out/ours" # a fold reruns from the start (what an interrupted attempt left is not resumed)
 $bert finetune "${start_ours[@]}" "${ours_flags[@]}" --train "$train" --out "$out/ours" --epochs "$epochs" --batch-size "$batch" \
   --lr "$lr" --seed "$seed" --max-length "$max_length" --device cpu > "$out/ours.json"
 $bert eval --model "$out/ours" --data "$out/data/test.tsv" --max-length "$max_length" --device cpu > "$out/ours_test.json"

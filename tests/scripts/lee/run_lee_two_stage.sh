@@ -36,7 +36,7 @@ python3 tests/scripts/lee/distill_lee.py "$stage/data" --embeddings "$stage/back
 model_dir=$(tests/scripts/lee/base_model_dir.sh)
 if [ ! -s "$stage/ours.json" ]; then
   s1_save=(); [ -n "${STAGE1_SAVE_STEPS:-}" ] && s1_save=(--eval-steps "$STAGE1_SAVE_STEPS")
-  [ -n "${STAGE1_SAVE_STEPS:-}" ] && [ -d "$stage/ours/last" ] && s1_save+=(--resume)
+  if [ -n "${STAGE1_SAVE_STEPS:-}" ] && [ -d "$stage/ours/last" ]; then s1_save+=(--resume); else rm -rf "$stage/ours"; fi
   echo "stage 1, ours: $(date -u +%H:%M:%S) ${s1_save[*]}" >&2
   $bert finetune --train "$stage/data/distill.tsv" --out "$stage/ours" --epochs "$s1_epochs" \
     --batch-size "$batch" --lr "$s1_lr" --seed "$seed" --max-length "$s1_max_length" --device cpu \
