@@ -3,8 +3,8 @@
 //!
 //! candle's fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record no gradient,
 //! and its autograd over composed ops is slow on BERT's large activations. On the CPU (f32/f64)
-//! the blocks here run this crate's kernels (`kernels.rs`), each with a hand-written backward,
-//! in training and inference alike; on other devices and dtypes they compose candle ops, every
+//! the blocks here run this crate's kernels (`kernels/`, one file per op), each with a
+//! hand-written backward, in training and inference alike; on other devices and dtypes they compose candle ops, every
 //! one of which has a backward. The unit tests hold both paths to the same values and
 //! gradients.
 
