@@ -1,0 +1,186 @@
+//! The attention core: probabilities (`softmax(scale * scores + bias)`) and the fused multi-head
+//! kernels of the CPU and the GPU.
+
+use super::*;
+
+/// Softmax over the last dimension: candle's fused kernel for inference, composed ops when a
+/// gradient is needed.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if needs_grad(&[x]) {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// Attention probabilities `softmax(scale * scores + bias)` over the last dimension.
+/// `scores`: `[batch, heads, queries, keys]`; `bias`: an additive mask broadcastable to it.
+/// On the CPU, a per-sequence bias (`[batch, 1, 1, keys]`, the padding mask) and f32/f64 scores
+/// take one fused kernel with its own backward; anything else the composed ops.
+pub fn attention_probabilities(
+    scores: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (batch, _, _, keys) = scores.dims4()?;
+    let fused = scores.device().is_cpu()
+        && matches!(scores.dtype(), DType::F32 | DType::F64)
+        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, keys]);
+    if fused {
+        let bias = match bias {
+            Some(b) => b.reshape((batch, keys))?.to_dtype(scores.dtype())?,
+            None => Tensor::zeros((batch, keys), scores.dtype(), scores.device())?,
+        };
+        return scores.contiguous()?.apply_op2(
+            &bias.contiguous()?,
+            crate::kernels::AttentionSoftmaxOp { scale },
+        );
+    }
+    let scaled = (scores * scale)?;
+    let biased = match bias {
+        Some(b) => scaled.broadcast_add(&b.to_dtype(scaled.dtype())?)?,
+        None => scaled,
+    };
+    softmax_last_dim(&biased)
+}
+
+/// Multi-head attention of `[batch, seq, heads * head_dim]` projections `q`, `k`, `v`:
+/// `dropout(softmax(scale * q k^T + bias)) v` per head, returned as the context
+/// `[batch, seq, heads * head_dim]` and, with `want_probs`, the probabilities
+/// `[batch, heads, seq, seq]` (before dropout). `dropout` is given in training only. One fused CPU kernel with its own backward
+/// (see `kernels::AttentionOp`); `None` when it does not apply (another device or dtype, or a
+/// bias that is not one `[batch, 1, 1, seq]` row per sequence), so the caller composes ops.
+pub fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    dropout: Option<&Dropout>,
+    want_probs: bool,
+) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+    let (batch, seq, hidden) = q.dims3()?;
+    let Some(bias) = attention_kernel_bias(q, batch, seq, hidden, heads, bias)? else {
+        return Ok(None);
+    };
+    let dropout = dropout.filter(|d| d.p > 0.0).map(|d| {
+        (
+            d.draw_keep(batch * heads * seq * seq),
+            // The factor Dropout::forward uses (computed in f32), so both paths agree exactly.
+            (1.0 / (1.0 - d.p)) as f64,
+        )
+    });
+    let scale = 1.0 / ((hidden / heads) as f64).sqrt();
+    // Probabilities are kept only when something will read them: the caller, or a backward
+    // pass through any of q, k, v.
+    let keep_probs = want_probs || [q, k, v].iter().any(|t| t.track_op());
+    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, dropout, keep_probs);
+    let context = q
+        .contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    let probs = kept_probabilities(&saved, want_probs, (batch, heads, seq, seq), q.device())?;
+    Ok(Some((context, probs)))
+}
+
+static GPU_FUSED_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether inference on a GPU may use this crate's own kernels (on by default): the fused
+/// attention, bias + GELU, and bias + residual + LayerNorm. With them off, the plain path runs
+/// (candle's matmuls, an f32 softmax, element-wise ops, the composed LayerNorm). For comparing
+/// the two (`bert selftest`) and as an escape hatch. Process-wide.
+pub fn set_gpu_fused_kernels(enabled: bool) {
+    GPU_FUSED_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_gpu_fused_kernels`].
+pub fn gpu_fused_kernels() -> bool {
+    GPU_FUSED_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this build has the fused epilogue kernels for the GPU (the `cuda` feature): bias +
+/// GELU after the intermediate projection, bias + residual + LayerNorm after the output
+/// projections and the embeddings' LayerNorm, for f32, f16 and bf16 inference with rows of
+/// up to 1024 elements.
+pub fn gpu_fused_epilogues_built() -> bool {
+    cfg!(feature = "cuda")
+}
+
+/// Whether this build has the fused attention kernel for the GPU: the `cuda` feature, built for
+/// a compute capability of 8.0 or newer. It runs for f16 and bf16 models with 32- or 64-wide
+/// heads, in inference, when the attention probabilities are not asked for.
+pub fn gpu_fused_attention_built() -> bool {
+    cfg!(all(feature = "cuda", not(bert_no_flash_attention)))
+}
+
+/// [`fused_attention`] for inference over the packed output of one QKV projection,
+/// `qkv: [batch, seq, 3 * hidden]` (query, key, value columns side by side), read in place.
+/// `None` when the kernel does not apply (as for [`fused_attention`]) or `qkv` tracks a
+/// gradient (the packed kernel has no backward).
+pub fn fused_attention_packed(
+    qkv: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    want_probs: bool,
+) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+    let (batch, seq, packed) = qkv.dims3()?;
+    if packed % 3 != 0 || qkv.track_op() {
+        return Ok(None);
+    }
+    #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
+    if !want_probs && gpu_fused_kernels() {
+        if let Some(context) = crate::cuda_attention::packed_attention(qkv, heads, bias)? {
+            return Ok(Some((context, None)));
+        }
+    }
+    let hidden = packed / 3;
+    let Some(bias) = attention_kernel_bias(qkv, batch, seq, hidden, heads, bias)? else {
+        return Ok(None);
+    };
+    let scale = 1.0 / ((hidden / heads) as f64).sqrt();
+    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, None, want_probs);
+    let context = qkv
+        .contiguous()?
+        .apply_op1_no_bwd(&crate::kernels::PackedAttentionOp(op))?;
+    let probs = kept_probabilities(&saved, want_probs, (batch, heads, seq, seq), qkv.device())?;
+    Ok(Some((context, probs)))
+}
+
+/// The probabilities an attention kernel kept, on `device`, when the caller asked for them.
+fn kept_probabilities(
+    saved: &crate::kernels::SavedAttention,
+    want_probs: bool,
+    shape: (usize, usize, usize, usize),
+    device: &candle_core::Device,
+) -> candle_core::Result<Option<Tensor>> {
+    want_probs
+        .then(|| saved.probabilities(shape)?.to_device(device))
+        .transpose()
+}
+
+/// Whether the CPU attention kernel applies to `x` (CPU, f32/f64, non-empty, heads dividing
+/// `hidden`, a bias of one `[batch, 1, 1, seq]` row per sequence): `None` when it does not,
+/// else the bias as the kernel takes it (`Some(None)` without one).
+#[allow(clippy::type_complexity)]
+fn attention_kernel_bias(
+    x: &Tensor,
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Option<Vec<f32>>>> {
+    let applies = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && batch > 0
+        && seq > 0
+        && heads > 0
+        && hidden.is_multiple_of(heads)
+        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, seq]);
+    if !applies {
+        return Ok(None);
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    Ok(Some(bias))
+}
