@@ -1,4 +1,5 @@
-//! The self-attention core over all heads at once (scores, softmax, dropout, context), with its backward.
+//! The self-attention core over all heads at once (scores, softmax, dropout, context), with its
+//! backward.
 
 use super::*;
 

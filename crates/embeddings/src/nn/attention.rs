@@ -47,9 +47,10 @@ pub fn attention_probabilities(
 /// Multi-head attention of `[batch, seq, heads * head_dim]` projections `q`, `k`, `v`:
 /// `dropout(softmax(scale * q k^T + bias)) v` per head, returned as the context
 /// `[batch, seq, heads * head_dim]` and, with `want_probs`, the probabilities
-/// `[batch, heads, seq, seq]` (before dropout). `dropout` is given in training only. One fused CPU kernel with its own backward
-/// (see `kernels::AttentionOp`); `None` when it does not apply (another device or dtype, or a
-/// bias that is not one `[batch, 1, 1, seq]` row per sequence), so the caller composes ops.
+/// `[batch, heads, seq, seq]` (before dropout). `dropout` is given in training only. One fused
+/// CPU kernel with its own backward (see `kernels::AttentionOp`); `None` when it does not apply
+/// (another device or dtype, or a bias that is not one `[batch, 1, 1, seq]` row per sequence),
+/// so the caller composes ops.
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
