@@ -160,8 +160,7 @@ mod tests {
                         let bytes = manifest
                             .bundled_file(file)
                             .unwrap_or_else(|| panic!("{name}: {file} is not bundled"));
-                        let digest = sha2::Sha256::digest(bytes);
-                        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                        let hex = crate::source::to_hex(&sha2::Sha256::digest(bytes));
                         assert_eq!(&hex, sha, "{name}: {file}");
                     }
                 }

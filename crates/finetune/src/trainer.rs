@@ -614,11 +614,7 @@ fn data_fingerprint(data: &Dataset) -> String {
         hasher.update(pair.label.to_le_bytes());
         hasher.update([0x1e]);
     }
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = bert::source::to_hex(&hasher.finalize());
     format!("{} pairs, sha256 {digest}", data.pairs.len())
 }
 
