@@ -152,11 +152,35 @@ fn default_model_scores_by_cosine_and_ranks_sensibly() {
                 "A woman is slicing an onion.",
                 "A man is playing a guitar.",
                 "The stock market fell.",
+                "A man is playing a guitar.",
             ],
         )
         .unwrap();
     assert_eq!(ranking[0].index, 1);
     assert!(ranking.windows(2).all(|w| w[0].score >= w[1].score));
+    // A repeated document gets the same score; ties keep input order.
+    assert_eq!((ranking[1].index, ranking[1].score), (3, ranking[0].score));
+
+    // Pairs that share texts (which the bi-encoder embeds once) score as each pair alone.
+    let (guitar, instrument, onion) = (pairs[0].0, pairs[0].1, pairs[1].1);
+    let shared = scorer
+        .score(&[
+            (guitar, instrument),
+            (guitar, onion),
+            (instrument, guitar),
+            (onion, onion),
+        ])
+        .unwrap();
+    assert_eq!(shared[0], shared[2], "the cosine is symmetric");
+    assert!((shared[3] - 1.0).abs() < 1e-6, "a text against itself");
+    for (i, pair) in [(guitar, instrument), (guitar, onion)].iter().enumerate() {
+        let alone = scorer.score(&[*pair]).unwrap()[0];
+        assert!(
+            (alone - shared[i]).abs() < 1e-5,
+            "{pair:?}: {alone} vs {}",
+            shared[i]
+        );
+    }
 }
 
 /// The bundled cross-encoder: unpacked from the library, verified, loaded on the pinned base

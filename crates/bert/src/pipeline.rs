@@ -361,6 +361,23 @@ pub fn cosine_similarity(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// The distinct texts of `texts` in first-seen order, and for each text its index among them:
+/// a bi-encoder embeds a text shared by many pairs (one document against many, a query against
+/// candidates) once.
+fn unique_texts<'a>(texts: impl Iterator<Item = &'a str>) -> (Vec<&'a str>, Vec<usize>) {
+    let mut unique = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    let slots = texts
+        .map(|text| {
+            *seen.entry(text).or_insert_with(|| {
+                unique.push(text);
+                unique.len() - 1
+            })
+        })
+        .collect();
+    (unique, slots)
+}
+
 /// A document's place in a ranking.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ranked {
@@ -500,11 +517,11 @@ impl PairScorer {
                 })
             }
             Scorer::Bi(embedder) => {
-                let texts: Vec<&str> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+                let (texts, slots) = unique_texts(pairs.iter().flat_map(|(a, b)| [*a, *b]));
                 let vectors = embedder.embed_checked(&texts)?;
-                Ok(vectors
+                Ok(slots
                     .chunks_exact(2)
-                    .map(|ab| cosine_similarity(&ab[0], &ab[1]))
+                    .map(|ab| cosine_similarity(&vectors[ab[0]], &vectors[ab[1]]))
                     .collect())
             }
         }
@@ -522,12 +539,13 @@ impl PairScorer {
                 self.score(&pairs)?
             }
             Scorer::Bi(embedder) => {
-                let mut texts = vec![query];
-                texts.extend_from_slice(docs);
+                let (texts, slots) =
+                    unique_texts(std::iter::once(query).chain(docs.iter().copied()));
                 let vectors = embedder.embed_checked(&texts)?;
-                vectors[1..]
+                let query = &vectors[slots[0]];
+                slots[1..]
                     .iter()
-                    .map(|v| cosine_similarity(&vectors[0], v))
+                    .map(|&slot| cosine_similarity(query, &vectors[slot]))
                     .collect()
             }
         };
@@ -569,6 +587,15 @@ mod tests {
     fn pipelines_are_shareable_across_threads() {
         assert_send_sync::<PairScorer>();
         assert_send_sync::<Embedder>();
+    }
+
+    #[test]
+    fn shared_texts_are_embedded_once() {
+        let (texts, slots) = unique_texts(["a", "b", "a", "c", "b", "a"].into_iter());
+        assert_eq!(texts, ["a", "b", "c"]);
+        assert_eq!(slots, [0, 1, 0, 2, 1, 0]);
+        let (texts, slots) = unique_texts(std::iter::empty());
+        assert!(texts.is_empty() && slots.is_empty());
     }
 
     #[test]
