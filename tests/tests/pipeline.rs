@@ -107,14 +107,19 @@ fn score_fixture_pairs(scorer: &PairScorer, texts: &serde_json::Value) -> Vec<f3
         scores[0],
         scores[1]
     );
-    for (pair, batched) in pairs.iter().zip(&scores) {
+    assert_each_pair_scores_as_alone(scorer, &pairs, &scores);
+    scores
+}
+
+/// Each of `pairs` scored alone gives its score in `batched` (within 1e-5).
+fn assert_each_pair_scores_as_alone(scorer: &PairScorer, pairs: &[(&str, &str)], batched: &[f32]) {
+    for (pair, batched) in pairs.iter().zip(batched) {
         let alone = scorer.score(&[*pair]).unwrap()[0];
         assert!(
             (alone - batched).abs() < 1e-5,
             "{pair:?}: {alone} vs {batched}"
         );
     }
-    scores
 }
 
 #[test]
@@ -173,14 +178,7 @@ fn default_model_scores_by_cosine_and_ranks_sensibly() {
         .unwrap();
     assert_eq!(shared[0], shared[2], "the cosine is symmetric");
     assert!((shared[3] - 1.0).abs() < 1e-6, "a text against itself");
-    for (i, pair) in [(guitar, instrument), (guitar, onion)].iter().enumerate() {
-        let alone = scorer.score(&[*pair]).unwrap()[0];
-        assert!(
-            (alone - shared[i]).abs() < 1e-5,
-            "{pair:?}: {alone} vs {}",
-            shared[i]
-        );
-    }
+    assert_each_pair_scores_as_alone(&scorer, &[(guitar, instrument), (guitar, onion)], &shared);
 }
 
 /// The bundled cross-encoder: unpacked from the library, verified, loaded on the pinned base
