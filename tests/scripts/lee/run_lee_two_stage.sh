@@ -16,6 +16,8 @@
 # OUT/stage1/ours/last, PyTorch from OUT/stage1/pytorch_checkpoints): a stage 1 of hours survives an
 # interrupted session.
 # SIDES=ours runs only this project's side (no PyTorch in either stage).
+# BACKGROUND_PASSAGE_WORDS=N draws stage 1's pairs from passages of the background documents (cut
+# at sentence ends, about N words each: prepare_lee.py) instead of the whole documents.
 set -euo pipefail
 out=${1:?usage: run_lee_two_stage.sh OUT_DIR [PYTHON]}
 python=${2:-python3}
@@ -29,7 +31,8 @@ cd "$root"
 if [ -z "${BERT:-}" ]; then cargo build -q -p bert-cli; fi
 bert=${BERT:-target/debug/bert}
 # Any fold's directory has the same background.txt; only it is read here.
-python3 tests/scripts/lee/prepare_lee.py "$stage/data" --folds 5 --fold 0 > /dev/null
+python3 tests/scripts/lee/prepare_lee.py "$stage/data" --folds 5 --fold 0 \
+  --background-passage-words "${BACKGROUND_PASSAGE_WORDS:-0}" > /dev/null
 $bert embed --normalize --device cpu --max-length "$max_length" --input "$stage/data/background.txt" > "$stage/background_bi.jsonl"
 python3 tests/scripts/lee/distill_lee.py "$stage/data" --embeddings "$stage/background_bi.jsonl" \
   --pairs "$pairs" --seed 0 > "$stage/distill.json"
