@@ -20,9 +20,10 @@ is the split reported before k-fold was added.
 With --background-passage-words N, background.txt holds passages instead of whole documents: each
 background document cut at sentence ends into as few runs of consecutive sentences as N words a
 run allow, the cuts then moved so that the runs are of about equal length (a run may pass N by
-part of a sentence; N=100 gives 798 passages of 35-111 words, median 75). Background documents are about twice as long as
-Lee's (median 162 against 78 words), so a pair of whole ones overflows a 256-token pair and the
-student sees only part of what its teacher label was computed on; passages of Lee's length fit.
+part of a sentence; N=100 gives 798 passages of 35-111 words, median 75). Background documents
+are about twice as long as Lee's (median 162 against 78 words), so a pair of whole ones overflows
+a 256-token pair and the student sees only part of what its teacher label was computed on;
+passages of Lee's length fit.
 
 Writes OUT_DIR/train.tsv, OUT_DIR/test.tsv (text_a, text_b, label), OUT_DIR/split.json and
 OUT_DIR/background.txt (one unlabelled document per line).
@@ -75,8 +76,8 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
 def passages(document: str, max_words: int) -> list[str]:
-    """Consecutive sentences of `document`, packed greedily into runs of at most `max_words`
-    words, then balanced: the words are shared out over that many passages as evenly as the
+    """Consecutive sentences of `document`, as many runs as greedy packing into `max_words`
+    words a run needs, then balanced: the words are shared out over that many passages as evenly as the
     sentence ends allow, so no passage is a short leftover."""
     sentences = [s for s in SENTENCE_END.split(document) if s.strip()]
     words = [len(s.split()) for s in sentences]
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, help="cut the documents into this many folds")
     parser.add_argument("--fold", type=int, help="with --folds: which fold (0-based) is the test set")
     parser.add_argument("--background-passage-words", type=int, default=0,
-                        help="cut background documents into passages of at most this many words (0: whole documents)")
+                        help="cut background documents into passages of about this many words (0: whole documents)")
     args = parser.parse_args()
     if (args.folds is None) != (args.fold is None):
         parser.error("--folds and --fold go together")
