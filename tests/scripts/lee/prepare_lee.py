@@ -76,9 +76,9 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
 def passages(document: str, max_words: int) -> list[str]:
-    """Consecutive sentences of `document`, as many runs as greedy packing into `max_words`
-    words a run needs, then balanced: the words are shared out over that many passages as evenly as the
-    sentence ends allow, so no passage is a short leftover."""
+    """Consecutive sentences of `document`, in as many runs as greedy packing into `max_words`
+    words a run needs, then balanced: the words are shared out over that many passages as evenly
+    as the sentence ends allow, so no passage is a short leftover."""
     sentences = [s for s in SENTENCE_END.split(document) if s.strip()]
     words = [len(s.split()) for s in sentences]
     count = 0
@@ -115,6 +115,8 @@ def main() -> None:
         parser.error("--folds and --fold go together")
     if args.folds is not None and not (2 <= args.folds <= 50 and 0 <= args.fold < args.folds):
         parser.error("need 2 <= --folds <= 50 and 0 <= --fold < --folds")
+    if args.background_passage_words < 0:
+        parser.error("--background-passage-words must be >= 0 (0: whole documents)")
     docs, sims, background = fetch()
     rng = random.Random(args.seed)
     if args.folds is None:
