@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Correlations of Lee test scores with the human ratings, per split and pooled over k folds.
 
-    python3 tests/scripts/lee/lee_metrics.py pair TEST_TSV SCORES_JSONL NAME
-        one JSON line: Pearson and Spearman of one model's scores (one {"score": x} line per row)
+    python3 tests/scripts/lee/lee_metrics.py pair TEST_TSV SCORES_JSONL NAME [REFERENCE_JSONL]
+        one JSON line: Pearson and Spearman of one model's scores (one {"score": x} line per row);
+        with REFERENCE_JSONL also the Spearman between the model's scores and those (a student's
+        agreement with its teacher)
     python3 tests/scripts/lee/lee_metrics.py kfold OUT_DIR [--markdown]
         reads OUT_DIR/fold*/ (tests/scripts/lee/run_lee_kfold.sh) and prints, per model, each fold's
         Spearman and Pearson, their mean and standard deviation over folds, and the correlations of
@@ -74,9 +76,13 @@ def checked(test_tsv, scores_path):
     return y, s
 
 
-def pair(test_tsv, scores_path, name):
+def pair(test_tsv, scores_path, name, reference_path=None):
     y, s = checked(test_tsv, scores_path)
-    print(json.dumps({"implementation": name, "test_pairs": len(y), "pearson": pearson(s, y), "spearman": spearman(s, y)}))
+    result = {"implementation": name, "test_pairs": len(y), "pearson": pearson(s, y), "spearman": spearman(s, y)}
+    if reference_path is not None:
+        _, r = checked(test_tsv, reference_path)
+        result["spearman_vs_reference"] = spearman(s, r)
+    print(json.dumps(result))
 
 
 def kfold(out, markdown=False):
@@ -121,7 +127,7 @@ def kfold(out, markdown=False):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "pair":
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "pair":
         pair(*sys.argv[2:])
     elif len(sys.argv) in (3, 4) and sys.argv[1] == "kfold" and sys.argv[3:] in ([], ["--markdown"]):
         kfold(sys.argv[2], markdown=len(sys.argv) == 4)

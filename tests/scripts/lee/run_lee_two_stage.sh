@@ -18,6 +18,9 @@
 # SIDES=ours runs only this project's side (no PyTorch in either stage).
 # BACKGROUND_PASSAGE_WORDS=N draws stage 1's pairs from passages of the background documents (cut
 # at sentence ends, about N words each: prepare_lee.py) instead of the whole documents.
+# DISTILL_DRAW=natural draws them uniformly instead of by bands of teacher cosine (distill_lee.py).
+# STAGE1_ONLY=1 stops after stage 1 (then score_stage1.sh scores the students on all 1225 Lee pairs,
+# none of which stage 1 reads): a cheaper look at a stage-1 recipe than five folds of stage 2.
 set -euo pipefail
 out=${1:?usage: run_lee_two_stage.sh OUT_DIR [PYTHON]}
 python=${2:-python3}
@@ -35,7 +38,7 @@ python3 tests/scripts/lee/prepare_lee.py "$stage/data" --folds 5 --fold 0 \
   --background-passage-words "${BACKGROUND_PASSAGE_WORDS:-0}" > /dev/null
 $bert embed --normalize --device cpu --max-length "$max_length" --input "$stage/data/background.txt" > "$stage/background_bi.jsonl"
 python3 tests/scripts/lee/distill_lee.py "$stage/data" --embeddings "$stage/background_bi.jsonl" \
-  --pairs "$pairs" --seed 0 > "$stage/distill.json"
+  --pairs "$pairs" --draw "${DISTILL_DRAW:-bands}" --seed 0 > "$stage/distill.json"
 model_dir=$(tests/scripts/lee/base_model_dir.sh)
 if [ ! -s "$stage/ours.json" ]; then
   s1_save=(); [ -n "${STAGE1_SAVE_STEPS:-}" ] && s1_save=(--eval-steps "$STAGE1_SAVE_STEPS")
@@ -54,6 +57,7 @@ if [ "${SIDES:-both}" != ours ] && [ ! -s "$stage/pytorch.json" ]; then
     --threads 2 --save "$stage/pytorch" "${s1_save[@]}" > "$stage/pytorch.json.part"
   mv "$stage/pytorch.json.part" "$stage/pytorch.json"
 fi
+if [ -n "${STAGE1_ONLY:-}" ]; then exit 0; fi
 START_OURS="$stage/ours" START_PYTORCH="$stage/pytorch" DISTILL_PAIRS=0 BERT="$bert" SIDES="${SIDES:-both}" \
   EPOCHS=${EPOCHS:-2} LR=${LR:-2e-5} BATCH=$batch SEED=$seed MAX_LENGTH=$max_length \
   tests/scripts/lee/run_lee_kfold.sh "$out" "$python"
