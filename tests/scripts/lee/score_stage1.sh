@@ -17,32 +17,32 @@ cd "$root"
 if [ -z "${BERT:-}" ]; then cargo build -q -p bert-cli; fi
 bert=${BERT:-target/debug/bert}
 max_length=${MAX_LENGTH:-256}
-shopt -s nullglob  # a STAGE1_ONLY run has no folds: only the all-pairs scoring below runs
-for fold in "$out"/fold*/; do
-  test="$fold/data/test.tsv"
+# Writes DEST/stage1_{ours,pytorch}_scores.jsonl: each side's stage-1 model's scores of TEST's pairs.
+score_students() {
+  local test=$1 dest=$2
   $bert score --mode cross --model "$out/stage1/ours" --input "$test" --max-length "$max_length" \
-    --device cpu > "$fold/stage1_ours_scores.jsonl"
+    --device cpu > "$dest/stage1_ours_scores.jsonl"
   if [ "${SIDES:-both}" != ours ]; then
     "$python" tests/scripts/lee/crossencoder_fit.py --model "$out/stage1/pytorch" --train "$test" \
       --test "$test" --epochs 0 --max-length "$max_length" --threads 2 \
-      --predictions "$fold/stage1_pytorch_scores.jsonl" > /dev/null
+      --predictions "$dest/stage1_pytorch_scores.jsonl" > /dev/null
   fi
+}
+shopt -s nullglob  # a STAGE1_ONLY run has no folds: only the all-pairs scoring below runs
+folds=("$out"/fold*/)
+for fold in "${folds[@]}"; do
+  score_students "$fold/data/test.tsv" "$fold"
 done
 all="$out/stage1/all_pairs"
 python3 tests/scripts/lee/prepare_lee.py "$all/data" --test-docs 50 > /dev/null
 $bert score --mode bi --device cpu --max-length "$max_length" --input "$all/data/test.tsv" > "$all/bi_scores.jsonl"
-$bert score --mode cross --model "$out/stage1/ours" --input "$all/data/test.tsv" --max-length "$max_length" \
-  --device cpu > "$all/stage1_ours_scores.jsonl"
+score_students "$all/data/test.tsv" "$all"
 metrics=(python3 tests/scripts/lee/lee_metrics.py pair "$all/data/test.tsv")
 {
   "${metrics[@]}" "$all/bi_scores.jsonl" "zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2)"
   "${metrics[@]}" "$all/stage1_ours_scores.jsonl" "bert finetune (ours), distillation stage only" "$all/bi_scores.jsonl"
   if [ "${SIDES:-both}" != ours ]; then
-    "$python" tests/scripts/lee/crossencoder_fit.py --model "$out/stage1/pytorch" --train "$all/data/test.tsv" \
-      --test "$all/data/test.tsv" --epochs 0 --max-length "$max_length" --threads 2 \
-      --predictions "$all/stage1_pytorch_scores.jsonl" > /dev/null
     "${metrics[@]}" "$all/stage1_pytorch_scores.jsonl" "CrossEncoder.fit, distillation stage only" "$all/bi_scores.jsonl"
   fi
 } > "$out/stage1/all_pairs.jsonl"
-folds=("$out"/fold*/)
 if [ ${#folds[@]} -gt 0 ]; then python3 tests/scripts/lee/lee_metrics.py kfold "$out" > "$out/kfold.json"; fi
