@@ -215,6 +215,31 @@ fn bundled_cross_encoder_loads_on_its_base_and_scores() {
     );
 }
 
+/// With no model named, pair scoring uses the bundled cross-encoder; bi-encoder scoring uses
+/// the base model, not the cross-encoder's fine-tuned encoder.
+#[test]
+fn default_scorer_is_the_bundled_cross_encoder_and_bi_mode_uses_the_base() {
+    let texts = texts();
+    let pairs = pair_texts(&texts);
+    let default = PairScorer::load_default(&cpu(), None).unwrap();
+    assert_eq!(default.mode(), ScoreMode::CrossEncoder);
+    let bundled = PairScorer::load(
+        &bert::LEE_CROSS_ENCODER.parse::<ModelSource>().unwrap(),
+        &cpu(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        default.score(&pairs).unwrap(),
+        bundled.score(&pairs).unwrap()
+    );
+
+    let bi = PairScorer::load_default(&cpu(), Some(ScoreMode::BiEncoder)).unwrap();
+    assert_eq!(bi.mode(), ScoreMode::BiEncoder);
+    let base = PairScorer::from_files(&minilm_files(), &cpu(), None).unwrap();
+    assert_eq!(bi.score(&pairs).unwrap(), base.score(&pairs).unwrap());
+}
+
 #[test]
 fn untrained_heads_are_never_used_as_similarity() {
     // MiniLM has pooler weights but no trained classifier: cross mode is refused.

@@ -57,10 +57,11 @@ pub use device::{parse_dtype, DeviceSpec};
 pub use error::{Error, Result};
 pub use load::{load, Architecture, Loaded, ModelFiles};
 pub use lora::LoraConfig;
-pub use manifest::{Manifest, ManifestSource, DEFAULT_MODEL, LEE_CROSS_ENCODER};
+pub use manifest::{Manifest, ManifestSource, DEFAULT_MODEL, DEFAULT_SCORER, LEE_CROSS_ENCODER};
 pub use pairs::{read_pair_records, PairFormat, PairRecord};
 pub use pipeline::{
-    cosine_similarity, Embedder, PairScorer, PipelineOptions, Pooling, Ranked, ScoreMode,
+    cosine_similarity, default_scorer_model, Embedder, PairScorer, PipelineOptions, Pooling,
+    Ranked, ScoreMode,
 };
 pub use source::ModelSource;
 pub use tokenize::{BertTokenizer, Encoded, TokenizeOptions, Truncation};

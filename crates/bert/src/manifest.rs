@@ -40,14 +40,19 @@ const BUNDLED_FILES: &[(&str, &str, &[u8])] = &[
     ),
 ];
 
-/// The name of the default base model (sentence embeddings, bi-encoder scoring).
+/// The name of the default base model: sentence embeddings, and bi-encoder scoring (cosine of
+/// its mean-pooled embeddings, what it was trained for).
 pub const DEFAULT_MODEL: &str = "all-MiniLM-L6-v2";
 
 /// A cross-encoder trained by this project's harness on the Lee document-similarity ratings
-/// (LoRA adapters and a head on [`DEFAULT_MODEL`], bundled). Not the default: on its held-out
-/// pairs it ranks below the zero-shot bi-encoder (model card:
+/// (LoRA adapters and a head on [`DEFAULT_MODEL`], bundled; model card:
 /// `models/minilm-lee-cross-encoder/README.md`).
 pub const LEE_CROSS_ENCODER: &str = "minilm-lee-cross-encoder";
+
+/// The model pair scoring uses when none is named: [`LEE_CROSS_ENCODER`], which ranks held-out
+/// Lee pairs above the zero-shot bi-encoder (its model card has the numbers). Bi-encoder scoring
+/// without a named model uses [`DEFAULT_MODEL`] instead (`pipeline::default_scorer_model`).
+pub const DEFAULT_SCORER: &str = LEE_CROSS_ENCODER;
 
 /// A pinned model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -387,6 +387,17 @@ pub struct Ranked {
     pub score: f32,
 }
 
+/// The model pair scoring uses when none is named: the bundled cross-encoder
+/// ([`DEFAULT_SCORER`](crate::DEFAULT_SCORER)), except that bi-encoder scoring uses the base
+/// model its cosine is meaningful for ([`DEFAULT_MODEL`](crate::DEFAULT_MODEL)), not the
+/// cross-encoder's fine-tuned encoder.
+pub fn default_scorer_model(mode: Option<ScoreMode>) -> &'static str {
+    match mode {
+        Some(ScoreMode::BiEncoder) => crate::manifest::DEFAULT_MODEL,
+        Some(ScoreMode::CrossEncoder) | None => crate::manifest::DEFAULT_SCORER,
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Scorer {
     Cross {
@@ -428,6 +439,27 @@ impl PairScorer {
         mode: Option<ScoreMode>,
     ) -> Result<Self> {
         Self::from_files(&source.fetch()?, options, mode)
+    }
+
+    /// Loads the default model for `mode` ([`default_scorer_model`]): with `None`, the bundled
+    /// cross-encoder, whose score is a probability in [0, 1].
+    ///
+    /// ```
+    /// use bert::{PairScorer, PipelineOptions, ScoreMode};
+    /// # fn main() -> bert::Result<()> {
+    /// let scorer = PairScorer::load_default(&PipelineOptions::default(), None)?;
+    /// assert_eq!(scorer.mode(), ScoreMode::CrossEncoder);
+    /// let scores = scorer.score(&[
+    ///     ("A man is playing a guitar.", "Someone is playing an instrument."),
+    ///     ("A man is playing a guitar.", "A woman is slicing an onion."),
+    /// ])?;
+    /// assert!(scores[0] > scores[1]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn load_default(options: &PipelineOptions, mode: Option<ScoreMode>) -> Result<Self> {
+        let source = default_scorer_model(mode).parse::<ModelSource>()?;
+        Self::load(&source, options, mode)
     }
 
     /// Loads from local files.

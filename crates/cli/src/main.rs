@@ -13,8 +13,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use bert::{
-    device::device_name, parse_dtype, DeviceSpec, Embedder, ModelSource, PairScorer,
-    PipelineOptions, Pooling, ScoreMode, Truncation,
+    default_scorer_model, device::device_name, parse_dtype, DeviceSpec, Embedder, ModelSource,
+    PairScorer, PipelineOptions, Pooling, ScoreMode, Truncation,
 };
 use bert::{BertTokenizer, DType, TokenizeOptions};
 use bert_finetune::{
@@ -367,9 +367,11 @@ fn eval(args: EvalArgs) -> Result<()> {
 /// Which model, where, and how text is fitted to it.
 #[derive(Args)]
 struct ModelArgs {
-    /// A shipped model name, a model directory, a manifest.json, or hf:ORG/NAME[@REV].
-    #[arg(long, default_value = bert::DEFAULT_MODEL)]
-    model: String,
+    /// A shipped model name, a model directory, a manifest.json, or hf:ORG/NAME[@REV]. Default:
+    /// score and rank use the bundled cross-encoder (minilm-lee-cross-encoder; with --mode bi,
+    /// all-MiniLM-L6-v2), embed uses all-MiniLM-L6-v2.
+    #[arg(long)]
+    model: Option<String>,
     #[command(flatten)]
     run: RunArgs,
     /// Token limit per sequence (default: the model's position limit).
@@ -387,8 +389,9 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn source(&self) -> Result<ModelSource> {
-        Ok(self.model.parse::<ModelSource>()?)
+    /// The named model, or `default` when none is named.
+    fn name<'a>(&'a self, default: &'a str) -> &'a str {
+        self.model.as_deref().unwrap_or(default)
     }
 
     fn options(&self) -> Result<PipelineOptions> {
@@ -419,7 +422,8 @@ struct ScoreArgs {
     /// Format of --input (default: from the extension).
     #[arg(long, value_enum)]
     format: Option<Format>,
-    /// auto (cross-encoder when the model has a trained one-label head), cross or bi.
+    /// auto (cross-encoder when the model has a trained one-label head), cross or bi (cosine of
+    /// mean-pooled embeddings).
     #[arg(long, default_value = "auto")]
     mode: String,
     /// Pairs per chunk when streaming a file.
@@ -475,11 +479,11 @@ fn parse_mode(mode: &str) -> Result<Option<ScoreMode>> {
 fn load_scorer(model: &ModelArgs, mode: &str) -> Result<PairScorer> {
     let options = model.options()?;
     let mode = parse_mode(mode)?;
-    let scorer = PairScorer::load(&model.source()?, &options, mode)
-        .with_context(|| format!("cannot load model {}", model.model))?;
+    let name = model.name(default_scorer_model(mode));
+    let scorer = PairScorer::load(&name.parse::<ModelSource>()?, &options, mode)
+        .with_context(|| format!("cannot load model {name}"))?;
     eprintln!(
-        "model: {} | mode: {} | device: {}",
-        model.model,
+        "model: {name} | mode: {} | device: {}",
         scorer.mode().describe(),
         device_name(scorer.device())
     );
@@ -593,8 +597,9 @@ fn embed(args: EmbedArgs) -> Result<()> {
         None => args.texts.clone(),
     };
     let options = args.model.options()?;
-    let embedder = Embedder::load(&args.model.source()?, &options)
-        .with_context(|| format!("cannot load model {}", args.model.model))?
+    let name = args.model.name(bert::DEFAULT_MODEL);
+    let embedder = Embedder::load(&name.parse::<ModelSource>()?, &options)
+        .with_context(|| format!("cannot load model {name}"))?
         .with_pooling(args.pooling.parse::<Pooling>()?)
         .with_normalize(args.normalize);
     let bar = progress(Some(rows.len() as u64), "embedding");

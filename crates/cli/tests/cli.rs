@@ -277,26 +277,46 @@ fn rank_and_embed_with_the_tiny_model() {
     assert!((norm - 1.0).abs() < 1e-4);
 }
 
-/// README command one, on the real default model.
+/// README command one, on the real default models: the bundled cross-encoder's probability,
+/// and with `--mode bi` the base model's cosine.
 #[test]
 fn default_model_scores_the_guitar_pairs_in_the_right_order() {
-    let instrument = bert(&[
-        "score",
-        "A man is playing a guitar.",
+    let guitar = "A man is playing a guitar.";
+    let (instrument, onion) = (
         "Someone is playing an instrument.",
-    ]);
-    let onion = bert(&[
-        "score",
-        "A man is playing a guitar.",
         "A woman is slicing an onion.",
-    ]);
-    let (instrument, onion): (f32, f32) = (
-        ok(&instrument).trim().parse().unwrap(),
-        ok(&onion).trim().parse().unwrap(),
+    );
+    let score = |args: &[&str]| -> f32 {
+        let out = bert(args);
+        ok(&out).trim().parse().unwrap()
+    };
+    let default = bert(&["score", guitar, instrument]);
+    assert!(
+        stderr(&default).contains("model: minilm-lee-cross-encoder | mode: cross-encoder"),
+        "{}",
+        stderr(&default)
+    );
+    let (p_instrument, p_onion) = (
+        ok(&default).trim().parse::<f32>().unwrap(),
+        score(&["score", guitar, onion]),
     );
     assert!(
-        instrument > onion + 0.2,
-        "instrument {instrument} vs onion {onion}"
+        (0.0..=1.0).contains(&p_instrument) && p_instrument > p_onion + 0.1,
+        "instrument {p_instrument} vs onion {p_onion}"
+    );
+
+    let (cos_instrument, cos_onion) = (
+        score(&["score", "--mode", "bi", guitar, instrument]),
+        score(&["score", "--mode", "bi", guitar, onion]),
+    );
+    assert!(
+        cos_instrument > cos_onion + 0.2,
+        "instrument {cos_instrument} vs onion {cos_onion}"
+    );
+    let base = score(&["score", "--model", "all-MiniLM-L6-v2", guitar, instrument]);
+    assert_eq!(
+        cos_instrument, base,
+        "--mode bi without a model is the base's cosine"
     );
 
     let dir = tempfile::tempdir().unwrap();
