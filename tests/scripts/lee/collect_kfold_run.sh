@@ -17,9 +17,9 @@
 #   foldK/stage1_{ours,pytorch}_scores.jsonl   score_stage1.sh's scores of the held-out pairs
 #   kfold.json                       lee_metrics.py kfold: per fold, mean over folds, pooled
 # Files of a side or step that did not run are left out; every file of ours' side is required.
-# SIDE=pytorch copies CrossEncoder.fit's side alone (and ours' per-fold ours.json, whose pairs/s
-# were measured beside it, and kfold.json): for a run that adds PyTorch to a recorded ours-only run
-# whose stage 1 it reused.
+# SIDE=pytorch copies CrossEncoder.fit's side alone, plus ours' stage1/ours.json and per-fold
+# ours.json (the training speeds to read PyTorch's against) and kfold.json: for a run that adds
+# PyTorch to a recorded ours-only run whose stage 1 it reused.
 # Usage: tests/scripts/lee/collect_kfold_run.sh OUT_DIR DEST_DIR
 set -euo pipefail
 out=${1:?usage: collect_kfold_run.sh OUT_DIR DEST_DIR}
@@ -39,9 +39,9 @@ copy() { mkdir -p "$(dirname "$dest/${2:-$1}")"; cp "$out/$1" "$dest/${2:-$1}"; 
 copy_if() { if [ -f "$out/$1" ]; then copy "$@"; fi; }
 mkdir -p "$dest"
 copy_if stage1/pytorch.json
+copy stage1/ours.json
 if [ "$side" = all ]; then
   copy stage1/distill.json
-  copy stage1/ours.json
   copy stage1/ours/metrics.jsonl stage1/ours_metrics.jsonl
   copy_if stage1/all_pairs.jsonl
   for f in bi_scores stage1_ours_scores stage1_pytorch_scores; do copy_if "stage1/all_pairs/$f.jsonl"; done
