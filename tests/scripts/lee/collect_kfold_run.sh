@@ -16,7 +16,8 @@
 #   foldK/pytorch.json, pytorch_scores.jsonl   the same for CrossEncoder.fit, when that side ran
 #   foldK/stage1_{ours,pytorch}_scores.jsonl   score_stage1.sh's scores of the held-out pairs
 #   kfold.json                       lee_metrics.py kfold: per fold, mean over folds, pooled
-# Files of a side or step that did not run are left out; every file of ours' side is required.
+# Files of a side or step that did not run are left out; every file of ours' side is required, and
+# with SIDE=pytorch every file of PyTorch's.
 # SIDE=pytorch copies CrossEncoder.fit's side alone, plus ours' stage1/ours.json and per-fold
 # ours.json (the training speeds to read PyTorch's against) and kfold.json: for a run that adds
 # PyTorch to a recorded ours-only run whose stage 1 it reused.
@@ -48,8 +49,9 @@ if [ "$side" = all ]; then
 fi
 for fold in $folds; do
   copy "$fold/ours.json"
-  copy_if "$fold/pytorch.json"
-  copy_if "$fold/pytorch_scores.jsonl"
+  if [ "$side" = pytorch ]; then pytorch_copy=copy; else pytorch_copy=copy_if; fi
+  $pytorch_copy "$fold/pytorch.json"
+  $pytorch_copy "$fold/pytorch_scores.jsonl"
   copy_if "$fold/stage1_pytorch_scores.jsonl"
   if [ "$side" = all ]; then
     for f in bi_encoder.json bi_scores.jsonl ours_scores.jsonl ours_test.json split.json; do copy "$fold/$f"; done
