@@ -4,7 +4,7 @@ pass, print. Each variant scores the same pair with `bert score --device cpu A B
 
   default      the bundled cross-encoder (`minilm-lee-cross-encoder`): the base model plus a 3.5 MB
                LoRA adapter, merged into the base's weights at every load
-  merged       the same model stored whole (`bert merge` of the adapter, made once into --work):
+  merged       the same model stored whole (`bert merge` of the adapter into --work, made anew each call):
                what the default would cost with no merge at load
   bi           `--mode bi`: the base all-MiniLM-L6-v2 by the cosine of its embeddings (two passes)
 
@@ -14,6 +14,7 @@ Usage: time_to_first_score.py [--bert target/release/bert] [--rounds 10] [--work
 """
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,9 +42,10 @@ def main():
     if args.rounds < 1:
         sys.exit("--rounds must be at least 1")
     bert = args.bert
+    # Merged anew on every call, so the whole copy is always the adapter this binary bundles.
     merged = Path(args.work) / "minilm-lee-cross-encoder-merged"
-    if not (merged / "model.safetensors").exists():
-        run([bert, "merge", "--model", "minilm-lee-cross-encoder", "--out", str(merged)])
+    shutil.rmtree(merged, ignore_errors=True)
+    run([bert, "merge", "--model", "minilm-lee-cross-encoder", "--out", str(merged)])
     variants = {
         "default": [bert, "score", "--device", "cpu", *PAIR],
         "merged": [bert, "score", "--device", "cpu", "--model", str(merged), *PAIR],
