@@ -14,9 +14,12 @@ import statistics
 import sys
 from pathlib import Path
 
-OURS = "bert finetune (ours)"
-PYTORCH = "sentence-transformers CrossEncoder.fit"
-BI = "zero-shot bi-encoder (cosine of mean-pooled all-MiniLM-L6-v2)"
+from lee_metrics import MODELS  # the names kfold.json reports each model under
+
+NAME_OF_SCORES = dict(MODELS)
+OURS = NAME_OF_SCORES["ours_scores.jsonl"]
+PYTORCH = NAME_OF_SCORES["pytorch_scores.jsonl"]
+BI = NAME_OF_SCORES["bi_scores.jsonl"]
 SUMMARIES = ("mean_spearman", "pooled_spearman", "mean_pearson", "pooled_pearson")
 
 
@@ -51,14 +54,10 @@ def summary(model):
     return tuple(model[k] for k in SUMMARIES)
 
 
-def fmt(values):
-    s_mean, s_pooled, p_mean, p_pooled = values
-    return f"{s_mean:.3f} / {s_pooled:.3f} | {p_mean:.3f} / {p_pooled:.3f}"
-
-
-def fmt_diff(values):
-    s_mean, s_pooled, p_mean, p_pooled = values
-    return f"{s_mean:+.3f} / {s_pooled:+.3f} | {p_mean:+.3f} / {p_pooled:+.3f}"
+def fmt(values, sign=""):
+    """The four summaries as two table cells; sign="+" for differences."""
+    s_mean, s_pooled, p_mean, p_pooled = (f"{v:{sign}.3f}" for v in values)
+    return f"{s_mean} / {s_pooled} | {p_mean} / {p_pooled}"
 
 
 def main(argv):
@@ -79,11 +78,11 @@ def main(argv):
         for name in rows:
             rows[name].append(values[name])
         diff = tuple(o - p for o, p in zip(values[OURS], values[PYTORCH]))
-        print(f"| {seed} | {fmt(values[BI])} | {fmt(values[OURS])} | {fmt(values[PYTORCH])} | {fmt_diff(diff)} |")
+        print(f"| {seed} | {fmt(values[BI])} | {fmt(values[OURS])} | {fmt(values[PYTORCH])} | {fmt(diff, '+')} |")
     if len(runs) > 1:
         means = {name: tuple(statistics.mean(col) for col in zip(*vals)) for name, vals in rows.items()}
         diff = tuple(o - p for o, p in zip(means[OURS], means[PYTORCH]))
-        print(f"| mean of {len(runs)} | {fmt(means[BI])} | {fmt(means[OURS])} | {fmt(means[PYTORCH])} | {fmt_diff(diff)} |")
+        print(f"| mean of {len(runs)} | {fmt(means[BI])} | {fmt(means[OURS])} | {fmt(means[PYTORCH])} | {fmt(diff, '+')} |")
 
     print("\nPer fold, Spearman / Pearson, ours - `CrossEncoder.fit`:\n")
     for seed, run in runs.items():
