@@ -309,3 +309,146 @@ impl CustomOp3 for LinearOp {
         Ok((dx, dw, db))
     }
 }
+
+/// `W + scaling * B A` (a LoRA adapter folded into its weight; `W: [out, in]` in either
+/// [`WeightLayout`], `A: [r, in]`, `B: [out, r]`, all contiguous f32 or f64 on the CPU),
+/// returned stored transposed (`[in, out]` in memory, viewed as `[out, in]`), the layout
+/// inference multiplies by. `None` for any other device, dtype or striding: the caller then
+/// merges with tensor ops.
+///
+/// Two passes over one new tensor (fill, then one GEMM onto it). The tensor-op merge (a `B A`
+/// matmul, a scale, an add, then the transposed copy) made four weight-sized tensors per
+/// adapter; for the bundled cross-encoder's 37 adapters it took about twice as long
+/// (`crates/bench/README.md`, time to first score).
+pub(crate) fn merge_low_rank_transposed(
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    let (rank, a_in) = a.dims2()?;
+    let (b_out, b_rank) = b.dims2()?;
+    if (a_in, b_out, b_rank) != (in_dim, out_dim, rank) {
+        candle_core::bail!(
+            "LoRA A {:?} / B {:?} do not fit a [{out_dim}, {in_dim}] weight",
+            a.dims(),
+            b.dims()
+        )
+    }
+    let on_cpu = [weight, a, b].iter().all(|t| t.device().is_cpu());
+    let same_dtype = a.dtype() == weight.dtype() && b.dtype() == weight.dtype();
+    if !on_cpu || !same_dtype || !a.is_contiguous() || !b.is_contiguous() {
+        return Ok(None);
+    }
+    let Some((w_layout, w_storage_layout)) = WeightLayout::of(weight.layout()) else {
+        return Ok(None);
+    };
+    let (ws, _) = weight.storage_and_layout();
+    let (a_s, al) = a.storage_and_layout();
+    let (b_s, bl) = b.storage_and_layout();
+    let (ws, a_s, b_s) = (
+        cpu_storage(&ws, "lora-merge")?,
+        cpu_storage(&a_s, "lora-merge")?,
+        cpu_storage(&b_s, "lora-merge")?,
+    );
+    let dims = (out_dim, in_dim, rank, w_layout);
+    let shape = (in_dim, out_dim);
+    let cpu = &candle_core::Device::Cpu;
+    let merged = match (ws, a_s, b_s) {
+        (CpuStorage::F32(w), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            let w = contiguous(w, &w_storage_layout, "lora-merge")?;
+            let (a, b) = (
+                contiguous(a, al, "lora-merge")?,
+                contiguous(b, bl, "lora-merge")?,
+            );
+            Tensor::from_vec(
+                merge_into_in_by_out(w, a, b, scaling as f32, dims),
+                shape,
+                cpu,
+            )?
+        }
+        (CpuStorage::F64(w), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            let w = contiguous(w, &w_storage_layout, "lora-merge")?;
+            let (a, b) = (
+                contiguous(a, al, "lora-merge")?,
+                contiguous(b, bl, "lora-merge")?,
+            );
+            Tensor::from_vec(merge_into_in_by_out(w, a, b, scaling, dims), shape, cpu)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(merged.t()?))
+}
+
+/// The `[in, out]` result starts as `W^T` (rows copied or gathered, split over the threads)
+/// and gets `scaling * A^T B^T` added by one GEMM that reads `A` and `B` in place (strides)
+/// with the inner dimension `r`.
+fn merge_into_in_by_out<T: Real>(
+    w: &[T],
+    a: &[T],
+    b: &[T],
+    scaling: T,
+    (out_dim, in_dim, rank, w_layout): (usize, usize, usize, WeightLayout),
+) -> Vec<T> {
+    let n = in_dim * out_dim;
+    let mut merged: Vec<T> = Vec::with_capacity(n);
+    let fill_row = |j: usize, row: &mut [std::mem::MaybeUninit<T>]| match w_layout {
+        WeightLayout::InByOut => {
+            let src = &w[j * out_dim..(j + 1) * out_dim];
+            row.iter_mut().zip(src).for_each(|(o, &v)| {
+                o.write(v);
+            });
+        }
+        // Column `j` of the weight: strided reads, the writes in address order (faster here
+        // than blocks of rows written with a stride).
+        WeightLayout::OutByIn => row.iter_mut().enumerate().for_each(|(i, o)| {
+            o.write(w[i * in_dim + j]);
+        }),
+    };
+    let spare = &mut merged.spare_capacity_mut()[..n];
+    if n >= PARALLEL_MIN_ELEMENTS {
+        crate::team::parallel_chunks_mut(spare, out_dim, fill_row);
+    } else {
+        spare
+            .chunks_mut(out_dim.max(1))
+            .enumerate()
+            .for_each(|(j, row)| fill_row(j, row));
+    }
+    // SAFETY: the rows above cover all `in * out` elements, each written.
+    unsafe { merged.set_len(n) };
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 && n * rank >= 1 << 20 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `merged` is `[in, out]` row-major (in x out elements, initialised above);
+    // `A^T` is read from `a: [r, in]` (element (j, k) at k * in + j) and `B^T` from
+    // `b: [out, r]` (element (k, i) at i * r + k), both covering their r x in and out x r
+    // elements; the output aliases neither.
+    unsafe {
+        gemm::gemm(
+            in_dim,
+            out_dim,
+            rank,
+            merged.as_mut_ptr(),
+            1,
+            out_dim as isize,
+            true,
+            a.as_ptr(),
+            in_dim as isize,
+            1,
+            b.as_ptr(),
+            rank as isize,
+            1,
+            T::one(),
+            scaling,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    merged
+}

@@ -453,5 +453,5 @@ pub(crate) use dropout::DropoutOp;
 pub(crate) use embedding::EmbeddingOp;
 pub(crate) use gelu::GeluErfOp;
 pub(crate) use layer_norm::LayerNormOp;
-pub(crate) use linear::{LinearOp, WeightLayout};
+pub(crate) use linear::{merge_low_rank_transposed, LinearOp, WeightLayout};
 pub(crate) use softmax::AttentionSoftmaxOp;

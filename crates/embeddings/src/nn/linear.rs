@@ -133,11 +133,25 @@ impl Linear {
     }
 
     /// Folds the adapter into the weight (`W + scaling * B A`, PEFT's `merge_and_unload`) and
-    /// removes it: the same outputs in inference, at a plain linear's cost.
+    /// removes it: the same outputs in inference, at a plain linear's cost. The merged weight
+    /// is detached from any gradient. On the CPU (f32 or f64) it is computed in one pass and
+    /// left stored transposed, as [`Linear::store_transposed`] would leave it; elsewhere with
+    /// tensor ops, in the weight's layout.
     pub fn merge_adapter(&mut self) -> Result<()> {
         if let Some(adapter) = self.adapter.take() {
-            let delta = adapter.delta_weight()?.to_dtype(self.weight.dtype())?;
-            self.weight = (self.weight.detach() + delta.detach())?;
+            let merged = crate::kernels::merge_low_rank_transposed(
+                &self.weight,
+                &adapter.a,
+                &adapter.b,
+                adapter.scaling,
+            )?;
+            self.weight = match merged {
+                Some(merged) => merged,
+                None => {
+                    let delta = adapter.delta_weight()?.to_dtype(self.weight.dtype())?;
+                    (self.weight.detach() + delta.detach())?
+                }
+            };
             self.panels = None;
         }
         Ok(())

@@ -444,6 +444,82 @@ fn inference_layout_matches_checkpoint_layout() {
     assert!(max_abs_diff(&y, &expected) < 1e-5);
 }
 
+/// Merging a LoRA adapter gives `W + scaling * B A` (computed here in f64 with tensor ops)
+/// from a weight in either layout, in f64 (tight) and f32, across sizes above and below the
+/// threaded threshold, leaves the weight stored transposed and the adapter gone; a weight of
+/// another striding and a half-precision one take the tensor-op merge, with the same values.
+#[test]
+fn merged_adapter_is_w_plus_scaled_b_a() {
+    let dev = Device::Cpu;
+    let randn = |shape: (usize, usize), dtype: DType| {
+        Tensor::randn(0f64, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    for (out_dim, in_dim, rank) in [(1536, 384, 32), (384, 1536, 8), (53, 37, 3), (1, 5, 1)] {
+        for dtype in [DType::F64, DType::F32] {
+            for stored_transposed in [false, true] {
+                let (w, a, b) = (
+                    randn((out_dim, in_dim), dtype),
+                    randn((rank, in_dim), dtype),
+                    randn((out_dim, rank), dtype),
+                );
+                let scaling = 0.75;
+                let expected = (w.to_dtype(DType::F64).unwrap()
+                    + (b.to_dtype(DType::F64).unwrap())
+                        .matmul(&a.to_dtype(DType::F64).unwrap())
+                        .unwrap()
+                        * scaling)
+                    .unwrap();
+                let mut linear = Linear::new(w, None);
+                if stored_transposed {
+                    linear.store_transposed().unwrap();
+                }
+                let adapter = LoraAdapter::new(a, b, scaling, Dropout::new(0.0).unwrap());
+                linear.set_adapter(Some(adapter.unwrap())).unwrap();
+                linear.merge_adapter().unwrap();
+                assert!(linear.adapter().is_none());
+                let merged = linear.weight();
+                assert_eq!(merged.dims(), [out_dim, in_dim]);
+                assert_eq!(merged.dtype(), dtype);
+                if out_dim > 1 {
+                    assert_eq!(merged.stride(), [1, out_dim]);
+                }
+                let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
+                let d = max_abs_diff64(merged, &expected);
+                assert!(d < tolerance, "{out_dim}x{in_dim} r{rank} {dtype:?}: {d}");
+            }
+        }
+    }
+    for (w, a, b) in [
+        (
+            randn((6, 8), DType::F32).narrow(1, 2, 3).unwrap(),
+            randn((2, 3), DType::F32),
+            randn((6, 2), DType::F32),
+        ),
+        (
+            randn((6, 3), DType::F16),
+            randn((2, 3), DType::F16),
+            randn((6, 2), DType::F16),
+        ),
+    ] {
+        let expected = (w.to_dtype(DType::F32).unwrap()
+            + b.to_dtype(DType::F32)
+                .unwrap()
+                .matmul(&a.to_dtype(DType::F32).unwrap())
+                .unwrap())
+        .unwrap();
+        let mut linear = Linear::new(w.clone(), None);
+        let adapter = LoraAdapter::new(a, b, 1.0, Dropout::new(0.0).unwrap()).unwrap();
+        linear.set_adapter(Some(adapter)).unwrap();
+        linear.merge_adapter().unwrap();
+        let merged = linear.weight().to_dtype(DType::F32).unwrap();
+        let d = max_abs_diff(&merged, &expected);
+        assert!(d < 2e-2, "{:?} {:?}: {d}", w.dtype(), w.stride());
+    }
+}
+
 /// The GELU fused into the linear kernel gives the layer-then-activation values, in both
 /// weight layouts and (f32) through the small-batch panel kernel as well as the GEMM; a
 /// weight that tracks gradients takes the unfused path (which has a backward).
