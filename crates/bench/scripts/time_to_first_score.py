@@ -7,10 +7,12 @@ pass, print. Each variant scores the same pair with `bert score --device cpu A B
   merged       the same model stored whole (`bert merge` of the adapter into --work, made anew each call):
                what the default would cost with no merge at load
   bi           `--mode bi`: the base all-MiniLM-L6-v2 by the cosine of its embeddings (two passes)
+  baseline     with --baseline B: the default again, run by another build B (an earlier commit's), so
+               a change to loading is timed against its predecessor in the same rounds
 
 Variants alternate within each round (so a slow spell of a shared machine hits all of them), after
 one untimed run of each to warm the page cache. Prints the per-variant medians and JSON (--json).
-Usage: time_to_first_score.py [--bert target/release/bert] [--rounds 10] [--work DIR] [--json F]
+Usage: time_to_first_score.py [--bert target/release/bert] [--baseline B] [--rounds 10] [--work DIR] [--json F]
 """
 import argparse
 import json
@@ -35,6 +37,7 @@ def run(cmd):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bert", default=str(ROOT / "target/release/bert"))
+    p.add_argument("--baseline", help="another `bert` build whose default is timed alongside")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--work", default="/tmp/bert-ttfs")
     p.add_argument("--json")
@@ -51,10 +54,14 @@ def main():
         "merged": [bert, "score", "--device", "cpu", "--model", str(merged), *PAIR],
         "bi": [bert, "score", "--device", "cpu", "--mode", "bi", *PAIR],
     }
+    if args.baseline:
+        variants["baseline"] = [args.baseline, "score", "--device", "cpu", *PAIR]
     scores = {name: run(cmd).stdout.strip() for name, cmd in variants.items()}  # warm-up
-    if scores["default"] != scores["merged"]:
-        # The merge must not change the model: the stored-whole copy has to print the same score.
-        print(f"note: default printed {scores['default']!r}, merged {scores['merged']!r}", file=sys.stderr)
+    for other in ("merged", "baseline"):
+        # The merge must not change the model: the stored-whole copy (and an earlier build of
+        # the same default) has to print the same score.
+        if other in scores and scores[other] != scores["default"]:
+            print(f"note: default printed {scores['default']!r}, {other} {scores[other]!r}", file=sys.stderr)
     times = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, cmd in variants.items():
@@ -64,13 +71,13 @@ def main():
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     print(f"Time to first score, `bert score --device cpu` of one pair, warm cache, commit {commit}, "
-          f"{args.rounds} alternating rounds:\n")
+          f"{args.rounds} alternating rounds" + (f"; baseline {args.baseline}" if args.baseline else "") + ":\n")
     print("| variant | median ms | min-max ms | printed score |")
     print("|---|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts) * 1e3:.0f} | {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f} | {scores[name]} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"commit": commit, "bert": bert, "rounds": args.rounds,
+        Path(args.json).write_text(json.dumps({"commit": commit, "bert": bert, "baseline": args.baseline, "rounds": args.rounds,
                                                "runs_s": times, "scores": scores}, indent=1) + "\n")
 
 
