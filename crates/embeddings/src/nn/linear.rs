@@ -134,9 +134,9 @@ impl Linear {
 
     /// Folds the adapter into the weight (`W + scaling * B A`, PEFT's `merge_and_unload`) and
     /// removes it: the same outputs in inference, at a plain linear's cost. The merged weight
-    /// is detached from any gradient. On the CPU (f32 or f64) it is computed in one pass and
-    /// left stored transposed, as [`Linear::store_transposed`] would leave it; elsewhere with
-    /// tensor ops, in the weight's layout.
+    /// is detached from any gradient. On the CPU (f32 or f64) it is made as one new tensor,
+    /// stored transposed (as [`Linear::store_transposed`] would leave it); elsewhere it
+    /// is made with tensor ops, in the weight's layout.
     pub fn merge_adapter(&mut self) -> Result<()> {
         if let Some(adapter) = self.adapter.take() {
             let merged = crate::kernels::merge_low_rank_transposed(
