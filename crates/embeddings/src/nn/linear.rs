@@ -352,8 +352,8 @@ impl Linear {
                 &product,
                 Some(bias),
                 Some(residual),
-                (&norm.weight, &norm.bias),
-                norm.eps,
+                (norm.weight(), norm.bias()),
+                norm.eps(),
             )?;
             if let Some(y) = fused {
                 return Ok(y);
