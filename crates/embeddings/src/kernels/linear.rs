@@ -337,8 +337,12 @@ pub(crate) fn merge_low_rank_transposed(
         )
     }
     let on_cpu = [weight, a, b].iter().all(|t| t.device().is_cpu());
+    let float = matches!(
+        weight.dtype(),
+        candle_core::DType::F32 | candle_core::DType::F64
+    );
     let same_dtype = a.dtype() == weight.dtype() && b.dtype() == weight.dtype();
-    if !on_cpu || !same_dtype || !a.is_contiguous() || !b.is_contiguous() {
+    if !on_cpu || !float || !same_dtype || !a.is_contiguous() || !b.is_contiguous() {
         return Ok(None);
     }
     let Some((w_layout, w_storage_layout)) = WeightLayout::of(weight.layout()) else {
@@ -353,31 +357,13 @@ pub(crate) fn merge_low_rank_transposed(
         cpu_storage(&b_s, "lora-merge")?,
     );
     let dims = (out_dim, in_dim, rank, w_layout);
-    let shape = (in_dim, out_dim);
-    let cpu = &candle_core::Device::Cpu;
-    let merged = match (ws, a_s, b_s) {
-        (CpuStorage::F32(w), CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            let w = contiguous(w, &w_storage_layout, "lora-merge")?;
-            let (a, b) = (
-                contiguous(a, al, "lora-merge")?,
-                contiguous(b, bl, "lora-merge")?,
-            );
-            Tensor::from_vec(
-                merge_into_in_by_out(w, a, b, scaling as f32, dims),
-                shape,
-                cpu,
-            )?
-        }
-        (CpuStorage::F64(w), CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            let w = contiguous(w, &w_storage_layout, "lora-merge")?;
-            let (a, b) = (
-                contiguous(a, al, "lora-merge")?,
-                contiguous(b, bl, "lora-merge")?,
-            );
-            Tensor::from_vec(merge_into_in_by_out(w, a, b, scaling, dims), shape, cpu)?
-        }
-        _ => return Ok(None),
-    };
+    let merged = per_float!("lora-merge", [F32, F64], (ws => w @ &w_storage_layout, a_s => a @ al, b_s => b @ bl), merge_into_in_by_out(w, a, b, scaling, dims));
+    let merged = Tensor::from_storage(
+        candle_core::Storage::Cpu(merged),
+        (in_dim, out_dim),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
     Ok(Some(merged.t()?))
 }
 
@@ -388,9 +374,10 @@ fn merge_into_in_by_out<T: Real>(
     w: &[T],
     a: &[T],
     b: &[T],
-    scaling: T,
+    scaling: f64,
     (out_dim, in_dim, rank, w_layout): (usize, usize, usize, WeightLayout),
 ) -> Vec<T> {
+    let scaling = T::from_f64(scaling);
     let n = in_dim * out_dim;
     let mut merged: Vec<T> = Vec::with_capacity(n);
     let fill_row = |j: usize, row: &mut [std::mem::MaybeUninit<T>]| match w_layout {
