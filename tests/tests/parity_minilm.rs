@@ -138,6 +138,40 @@ fn minilm_matches_transformers_in_f32_and_half_precision() {
     }
 }
 
+/// A batch large enough for the CPU's large-batch kernels (620 tokens: the AVX-512 panel
+/// product in blocks of rows past 512, the fused feed-forward block past
+/// `FeedForwardOp::MIN_ROWS`), the single texts four times over: every row still matches
+/// transformers.
+#[test]
+fn minilm_large_batch_matches_transformers() {
+    let files = minilm_files();
+    let expected = outputs("minilm");
+    let model = load::<BertModel>(&files, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let single = Batch::from_fixture("single");
+    let repeat = |t: &Tensor| Tensor::cat(&[t, t, t, t], 0).unwrap();
+    let batch = Batch {
+        ids: repeat(&single.ids),
+        mask: repeat(&single.mask),
+        types: repeat(&single.types),
+    };
+    assert!(batch.ids.elem_count() > 512);
+    let (hidden, pooled) = encode(&model, &batch);
+    assert_close(
+        "single x 4 last_hidden_state (real tokens)",
+        &real_tokens(&hidden, &batch.mask),
+        &real_tokens(&repeat(&expected["single.last_hidden_state"]), &batch.mask),
+        TOLERANCE,
+    );
+    assert_close(
+        "single x 4 pooler_output",
+        &pooled,
+        &repeat(&expected["single.pooler_output"]),
+        TOLERANCE,
+    );
+}
+
 /// BertForSequenceClassification = MiniLM's encoder and pooler + a seeded random classifier
 /// (the head's weights and config come from the fixture; the base from the carrier).
 #[test]

@@ -8,13 +8,14 @@
 //! thread walks whole panels front to back. The rows are taken [`TILE_ROWS`] at a time, their
 //! accumulators held in vector registers across the whole `in` loop.
 //!
-//! Two kernels, chosen at run time: on AVX-512 CPUs, panels of 64 columns (6 x 4 of the 32
-//! registers), used up to [`AVX512_MAX_ROWS`] rows, past which the general GEMM, which blocks
-//! `x` for its caches, is faster; on CPUs with AVX2 and FMA but no AVX-512, panels of 16
-//! columns (6 x 2 of the 16 registers), used for every row count, `x` taken in blocks that stay
-//! in L2 while the panels stream past them: there the `gemm` crate's AVX2 kernels, which read
-//! `x` unpacked with a row-sized stride between the six broadcasts of each step, reached ~60%
-//! of the FMA peak on an AMD EPYC (Zen 3).
+//! Two kernels, chosen at run time, each used for every row count, `x` taken in blocks that
+//! stay in L2 while the panels run past them: on AVX-512 CPUs, panels of 64 columns (6 x 4 of
+//! the 32 registers); on CPUs with AVX2 and FMA but no AVX-512, panels of 16 columns (6 x 2 of
+//! the 16 registers). On large batches the AVX-512 kernel is level with the `gemm` crate's
+//! (2 Zen 4 cores, MiniLM at 8 x 512 and 32 x 128); it also runs the fused feed-forward block
+//! (`kernels::FeedForwardOp`), one block of rows at a time on one thread. The `gemm` crate's
+//! AVX2 kernels, which read `x` unpacked with a row-sized stride between the six broadcasts of
+//! each step, reached ~60% of the FMA peak on an AMD EPYC (Zen 3).
 
 /// Rows whose accumulators live in registers at once.
 const TILE_ROWS: usize = 6;
@@ -23,10 +24,15 @@ const TILE_ROWS: usize = 6;
 const AVX512_PANEL: usize = 64;
 const AVX2_PANEL: usize = 16;
 
-/// Most rows for which the AVX-512 kernel is used. Measured on MiniLM, 2 threads (AVX-512
-/// Xeon): at 16 rows it halves the forward pass, at 256 it is ~20% faster than the general
-/// GEMM, at 1024 level with it, at 4096 slower (every panel re-reads all of `x`).
-pub(crate) const AVX512_MAX_ROWS: usize = 512;
+/// Most rows the AVX-512 kernel takes as one block: up to here each panel streams from
+/// memory once, past all of them (measured at 128 rows: blocks of 64 were 5% slower). Past
+/// it, blocks: on an AVX-512 Xeon, one block of 4096 rows (every panel re-reading all of `x`)
+/// was slower than the `gemm` crate, which blocks `x` for its caches.
+const AVX512_WHOLE_ROWS: usize = 512;
+
+/// Bytes of `x` the AVX-512 kernel takes per block of rows (96 rows of 384 floats, 24 of
+/// 1536), which stays in L2 beside the panel being run past it.
+const AVX512_BLOCK_BYTES: usize = 144 << 10;
 
 /// How many panel rows ahead the AVX-512 kernel prefetches.
 #[cfg(target_arch = "x86_64")]
@@ -80,14 +86,6 @@ impl Kernel {
         match self {
             Self::Avx512 => AVX512_PANEL,
             Self::Avx2 => AVX2_PANEL,
-        }
-    }
-
-    /// Most rows of `x` this kernel is used for.
-    fn max_rows(self) -> usize {
-        match self {
-            Self::Avx512 => AVX512_MAX_ROWS,
-            Self::Avx2 => usize::MAX,
         }
     }
 }
@@ -152,19 +150,15 @@ impl PanelWeights {
         }
     }
 
+    /// Whether the AVX-512 kernel runs this packing (the fused feed-forward block is measured
+    /// and used there only).
+    pub(crate) fn is_avx512(&self) -> bool {
+        self.kernel == Kernel::Avx512
+    }
+
     /// Whether this is the packing of an `[out_dim, in_dim]` weight.
     pub(crate) fn fits(&self, in_dim: usize, out_dim: usize) -> bool {
         (self.in_dim, self.out_dim) == (in_dim, out_dim)
-    }
-
-    /// Whether products over `rows` rows should use this packing rather than the general GEMM.
-    pub(crate) fn covers(&self, rows: usize) -> bool {
-        rows <= self.kernel.max_rows()
-    }
-
-    /// Whether [`Self::covers`] holds for `rows` on this CPU (weights packed here or not).
-    pub(crate) fn would_cover(rows: usize) -> bool {
-        Kernel::detect().is_some_and(|kernel| rows <= kernel.max_rows())
     }
 
     /// Whether a kernel runs here: AVX-512F or AVX2, with FMA, checked at run time.
@@ -173,8 +167,41 @@ impl PanelWeights {
     }
 
     /// `y[rows, out] += x[rows, in] W^T`, both row-major and contiguous, shared out over the
-    /// threads ([`crate::team::parallel_for`]).
+    /// threads ([`crate::team::parallel_for`]): `x` in blocks of rows that stay in L2 (one
+    /// block for a short batch), a task per (block, panel), block-major so that each thread's
+    /// tasks share their blocks.
     pub(crate) fn multiply_add(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.check(x, rows, y);
+        if rows == 0 || self.out_dim == 0 {
+            return; // nothing to add to
+        }
+        let block = self.block_rows(rows);
+        let panels = self.panels();
+        let out = crate::kernels::SharedMut(y.as_mut_ptr());
+        crate::team::parallel_for(rows.div_ceil(block) * panels, |task| {
+            let (b, p) = (task / panels, task % panels);
+            // SAFETY: x and y were checked to cover `rows` rows; this task alone writes
+            // panel p's columns of rows b * block.. (tasks are disjoint (block, panel) pairs).
+            unsafe { self.rows_by_panel(x, b * block..rows.min((b + 1) * block), p, out) }
+        });
+    }
+
+    /// [`Self::multiply_add`] on the calling thread alone: for a caller that shares out its
+    /// own blocks of rows (the fused feed-forward block).
+    pub(crate) fn multiply_add_here(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.check(x, rows, y);
+        let block = self.block_rows(rows.max(1));
+        let out = crate::kernels::SharedMut(y.as_mut_ptr());
+        for start in (0..rows).step_by(block) {
+            for p in 0..self.panels() {
+                // SAFETY: x and y cover `rows` rows (checked); this thread is their only user.
+                unsafe { self.rows_by_panel(x, start..rows.min(start + block), p, out) }
+            }
+        }
+    }
+
+    /// Panics unless `x` and `y` are exactly `rows` rows of this weight's input and output.
+    fn check(&self, x: &[f32], rows: usize, y: &[f32]) {
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
         assert!(
             x.len() == rows * in_dim && y.len() == rows * out_dim,
@@ -182,26 +209,69 @@ impl PanelWeights {
             x.len(),
             y.len()
         );
-        if rows == 0 || out_dim == 0 {
-            return; // nothing to add to
-        }
+    }
+
+    /// How many panels the weight is packed into.
+    fn panels(&self) -> usize {
+        self.out_dim.div_ceil(self.kernel.panel_width())
+    }
+
+    /// Rows of `x` per block: as many as fit the kernel's L2 share, evened out over `rows`
+    /// in whole tiles (200 rows in blocks of at most 128: 102 + 98, not 128 + 72).
+    fn block_rows(&self, rows: usize) -> usize {
+        let bytes = match self.kernel {
+            Kernel::Avx512 if rows <= AVX512_WHOLE_ROWS => return rows.max(1),
+            Kernel::Avx512 => AVX512_BLOCK_BYTES,
+            Kernel::Avx2 => AVX2_BLOCK_BYTES,
+        };
+        let most = (bytes / (4 * self.in_dim.max(1))).max(TILE_ROWS);
+        rows.div_ceil(rows.div_ceil(most))
+            .next_multiple_of(TILE_ROWS)
+    }
+
+    /// `y[rows, first..first + width] += x[rows] W[first..first + width]^T` for one panel
+    /// `p` (its columns `first..`) and one block of rows, by this CPU's kernel.
+    ///
+    /// # Safety
+    /// `x` covers the rows of `rows` (row stride `in_dim`), `y` points at a buffer of at least
+    /// `rows.end` rows of `out_dim`, and nothing else reads or writes this panel's columns of
+    /// those rows meanwhile.
+    unsafe fn rows_by_panel(
+        &self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        p: usize,
+        out: crate::kernels::SharedMut<f32>,
+    ) {
         match self.kernel {
-            Kernel::Avx512 => self.multiply_add_avx512(x, rows, y),
-            Kernel::Avx2 => self.multiply_add_avx2(x, rows, y),
+            Kernel::Avx512 => self.rows_by_panel_avx512(x, rows, p, out),
+            Kernel::Avx2 => self.rows_by_panel_avx2(x, rows, p, out),
         }
     }
 
-    /// The AVX-512 product: a task per panel, each over every row.
-    fn multiply_add_avx512(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+    /// The AVX-512 [`Self::rows_by_panel`]: the panel (a whole `in x 64`, 96 KiB at 384)
+    /// run past every tile of the block, both in L2.
+    ///
+    /// # Safety
+    /// As [`Self::rows_by_panel`].
+    unsafe fn rows_by_panel_avx512(
+        &self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        p: usize,
+        out: crate::kernels::SharedMut<f32>,
+    ) {
         const PANEL: usize = AVX512_PANEL;
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
-        let out = crate::kernels::SharedMut(y.as_mut_ptr());
         let panel_len = in_dim * PANEL;
         let all = self.floats();
-        let tiles = rows.div_ceil(TILE_ROWS);
-        // The first tile of a panel streams it from memory, the later ones re-read it from
+        let panel = &all[p * panel_len..(p + 1) * panel_len];
+        let first = p * PANEL;
+        let width = PANEL.min(out_dim - first);
+        // The first tile reads the panel from memory (or L3), the later ones re-read it from
         // L2 and are bound by arithmetic: they prefetch the next panel meanwhile, shared out
         // so that the last later tile ends on the panel's end.
+        let tiles = rows.len().div_ceil(TILE_ROWS);
         let lines = panel_len * 4 / 64;
         let lines_per_tile = if tiles > 1 {
             lines.div_ceil(tiles - 1)
@@ -209,77 +279,63 @@ impl PanelWeights {
             0
         };
         let lines_per_k = lines_per_tile.div_ceil(in_dim.max(1));
-        crate::team::parallel_for(all.len() / panel_len.max(1), |p| {
-            let panel = &all[p * panel_len..(p + 1) * panel_len];
-            let first = p * PANEL;
-            let width = PANEL.min(out_dim - first);
-            let next = all
-                .get((p + 1) * panel_len..)
-                .filter(|rest| !rest.is_empty())
-                .map(<[f32]>::as_ptr);
-            for (t, r0) in (0..rows).step_by(TILE_ROWS).enumerate() {
-                let tile = TILE_ROWS.min(rows - r0);
-                let prefetch = match next {
-                    Some(next) if t > 0 => Prefetch {
-                        at: next
-                            .cast::<i8>()
-                            .wrapping_add((t - 1) * lines_per_tile * 64),
-                        lines: lines_per_tile,
-                        lines_per_k,
-                    },
-                    _ => Prefetch::NONE,
-                };
-                // SAFETY: this kernel was detected (packed for it); x covers rows x in, the
-                // panel in x PANEL, and y rows x out, of which this task alone writes columns
-                // first..first + width of rows r0..r0 + tile.
-                unsafe {
-                    let x = x.as_ptr().add(r0 * in_dim);
-                    let y = out.get().add(r0 * out_dim + first);
-                    tile_rows_avx512(tile, x, in_dim, panel.as_ptr(), y, out_dim, width, prefetch);
-                }
-            }
-        });
+        let next = all
+            .get((p + 1) * panel_len..)
+            .filter(|rest| !rest.is_empty())
+            .map(<[f32]>::as_ptr);
+        let end = rows.end;
+        for (t, r0) in rows.step_by(TILE_ROWS).enumerate() {
+            let tile = TILE_ROWS.min(end - r0);
+            let prefetch = match next {
+                Some(next) if t > 0 => Prefetch {
+                    at: next
+                        .cast::<i8>()
+                        .wrapping_add((t - 1) * lines_per_tile * 64),
+                    lines: lines_per_tile,
+                    lines_per_k,
+                },
+                _ => Prefetch::NONE,
+            };
+            // SAFETY: this kernel was detected (packed for it); x covers the rows, the panel
+            // in x PANEL; the caller gives this thread columns first..first + width of them.
+            let x = x.as_ptr().add(r0 * in_dim);
+            let y = out.get().add(r0 * out_dim + first);
+            tile_rows_avx512(tile, x, in_dim, panel.as_ptr(), y, out_dim, width, prefetch);
+        }
     }
 
-    /// The AVX2 product: `x` in blocks of rows that stay in L2, a task per (block, panel),
-    /// block-major so that each thread's tasks share their blocks; within a task the panel
-    /// in slices of at most [`AVX2_DEPTH`] rows, each run past every tile of the block while
-    /// it sits in L1.
-    fn multiply_add_avx2(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+    /// The AVX2 [`Self::rows_by_panel`]: the panel in slices of at most [`AVX2_DEPTH`] rows,
+    /// each run past every tile of the block while it sits in L1.
+    ///
+    /// # Safety
+    /// As [`Self::rows_by_panel`].
+    unsafe fn rows_by_panel_avx2(
+        &self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        p: usize,
+        out: crate::kernels::SharedMut<f32>,
+    ) {
         const PANEL: usize = AVX2_PANEL;
         let (in_dim, out_dim) = (self.in_dim, self.out_dim);
-        let out = crate::kernels::SharedMut(y.as_mut_ptr());
         let panel_len = in_dim * PANEL;
-        let all = self.floats();
-        let panels = out_dim.div_ceil(PANEL);
-        // Even blocks of whole tiles (200 rows of 384: 102 + 98, not 128 + 72), likewise
-        // slices (384 panel rows: 192 + 192, not 256 + 128).
-        let most = (AVX2_BLOCK_BYTES / (4 * in_dim.max(1))).max(TILE_ROWS);
-        let block = rows
-            .div_ceil(rows.div_ceil(most))
-            .next_multiple_of(TILE_ROWS);
+        let panel = &self.floats()[p * panel_len..(p + 1) * panel_len];
+        let first = p * PANEL;
+        let width = PANEL.min(out_dim - first);
+        // Even slices (384 panel rows: 192 + 192, not 256 + 128).
         let depth = in_dim.div_ceil(in_dim.div_ceil(AVX2_DEPTH).max(1)).max(1);
-        crate::team::parallel_for(rows.div_ceil(block) * panels, |task| {
-            let (b, p) = (task / panels, task % panels);
-            let panel = &all[p * panel_len..(p + 1) * panel_len];
-            let first = p * PANEL;
-            let width = PANEL.min(out_dim - first);
-            let end = rows.min((b + 1) * block);
-            for k0 in (0..in_dim).step_by(depth) {
-                let slice = depth.min(in_dim - k0);
-                for r0 in (b * block..end).step_by(TILE_ROWS) {
-                    let tile = TILE_ROWS.min(end - r0);
-                    // SAFETY: as in `multiply_add_avx512`, for this kernel and its 16-wide
-                    // panels: rows r0.. of x from column k0 on, panel rows k0..k0 + slice.
-                    unsafe {
-                        let x = x.as_ptr().add(r0 * in_dim + k0);
-                        let w = panel.as_ptr().add(k0 * PANEL);
-                        let y = out.get().add(r0 * out_dim + first);
-                        tile_rows_avx2(tile, x, in_dim, slice, w, y, out_dim, width);
-                    }
-                }
+        for k0 in (0..in_dim).step_by(depth) {
+            let slice = depth.min(in_dim - k0);
+            for r0 in rows.clone().step_by(TILE_ROWS) {
+                let tile = TILE_ROWS.min(rows.end - r0);
+                // SAFETY: as in `rows_by_panel_avx512`, for this kernel and its 16-wide
+                // panels: rows r0.. of x from column k0 on, panel rows k0..k0 + slice.
+                let x = x.as_ptr().add(r0 * in_dim + k0);
+                let w = panel.as_ptr().add(k0 * PANEL);
+                let y = out.get().add(r0 * out_dim + first);
+                tile_rows_avx2(tile, x, in_dim, slice, w, y, out_dim, width);
             }
-        });
+        }
     }
 }
 
@@ -533,6 +589,9 @@ mod tests {
             // uneven split of both (400 = 2 x 200 panel rows, 200 rows = 2 x 100).
             (67, 1536, 40),
             (200, 400, 17),
+            // More rows than the AVX-512 kernel takes whole (512), in blocks of 24 rows of
+            // 1536 and a partial tile.
+            (531, 1536, 70),
             // Empty products: no rows, no output columns, no input columns.
             (0, 384, 384),
             (5, 384, 0),
@@ -546,15 +605,21 @@ mod tests {
             let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let y0: Vec<f32> = (0..rows * n).map(|_| next()).collect();
-            let mut y = y0.clone();
-            PanelWeights::pack_for(kernel, &w, k, n).multiply_add(&x, rows, &mut y);
+            let packed = PanelWeights::pack_for(kernel, &w, k, n);
             let expected = reference(&x, &w, &y0, rows, k, n);
-            let worst = y
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0f64, f64::max);
-            assert!(worst < 1e-4, "{kernel:?} {rows}x{k}x{n}: {worst}");
+            // Shared out over the threads, and on this thread alone.
+            let mut shared = y0.clone();
+            packed.multiply_add(&x, rows, &mut shared);
+            let mut here = y0.clone();
+            packed.multiply_add_here(&x, rows, &mut here);
+            for (how, y) in [("shared", shared), ("here", here)] {
+                let worst = y
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(0f64, f64::max);
+                assert!(worst < 1e-4, "{kernel:?} {how} {rows}x{k}x{n}: {worst}");
+            }
         }
     }
 }

@@ -28,14 +28,13 @@ thread_local! {
 }
 
 /// Whether an inference pass of `tokens` rows in `dtype` suits [`with_team`]: f32 passes of
-/// at most [`MAX_TOKENS`] tokens that the panel kernel covers (on CPUs with AVX-512 or AVX2)
-/// run every product of a loaded model (its weights packed at load) on it, whose loops are
-/// the team's; half-precision passes, and on AVX-512 longer ones, run the general GEMM, which
-/// threads itself over rayon.
+/// at most [`MAX_TOKENS`] tokens on CPUs with a panel kernel (AVX-512 or AVX2) run every
+/// product of a loaded model (its weights packed at load) on it, whose loops are the team's;
+/// half-precision passes run the general GEMM, which threads itself over rayon.
 pub fn suits(tokens: usize, dtype: candle_core::DType) -> bool {
     dtype == candle_core::DType::F32
         && tokens <= MAX_TOKENS
-        && crate::panel_gemm::PanelWeights::would_cover(tokens)
+        && crate::panel_gemm::PanelWeights::available()
 }
 
 /// Most tokens of a pass run on the team: longer passes run for milliseconds per loop, where

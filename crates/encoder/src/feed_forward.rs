@@ -4,7 +4,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{activation, join_path, Dropout, LayerNorm, Linear, NamedLinears};
+use bert_embeddings::nn::{
+    activation, fused_feed_forward, join_path, Dropout, LayerNorm, Linear, NamedLinears,
+};
 use bert_embeddings::{Config, HiddenAct, Result};
 
 /// `intermediate.*`: hidden -> intermediate width, then `hidden_act`.
@@ -76,6 +78,23 @@ impl BertOutput {
             .forward_dropout(intermediate, Some(&self.dropout), train)?;
         Ok(self.layer_norm.forward(&(projected + residual)?)?)
     }
+}
+
+/// `output(intermediate(x), x)` for inference in one CPU kernel where it applies
+/// ([`fused_feed_forward`]: f32, AVX-512, batches of a few hundred tokens and more); `None`
+/// where it does not, for the two modules' own forward passes.
+pub(crate) fn fused_inference(
+    intermediate: &BertIntermediate,
+    output: &BertOutput,
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    Ok(fused_feed_forward(
+        x,
+        &intermediate.dense,
+        intermediate.act,
+        &output.dense,
+        &output.layer_norm,
+    )?)
 }
 
 impl NamedLinears for BertOutput {

@@ -38,6 +38,13 @@ impl BertLayer {
         let (attended, probs) = self
             .attention
             .forward(hidden_states, bias, train, want_probs)?;
+        if !train {
+            let fused =
+                crate::feed_forward::fused_inference(&self.intermediate, &self.output, &attended)?;
+            if let Some(out) = fused {
+                return Ok((out, probs));
+            }
+        }
         let intermediate = self.intermediate.forward(&attended, train)?;
         Ok((self.output.forward(&intermediate, &attended, train)?, probs))
     }

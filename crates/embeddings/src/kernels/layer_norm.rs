@@ -42,17 +42,7 @@ impl LayerNormOp {
                     return;
                 }
             }
-            // Compiled for AVX2 / AVX-512 where present (the f32 row above covers AVX-512).
-            with_simd(
-                #[inline(always)]
-                || {
-                    let (mean, rstd) = row_stats(row, self.eps);
-                    for (j, o) in out.iter_mut().enumerate() {
-                        let normed = (row[j].to_f64() - mean) * rstd;
-                        *o = T::from_f64(normed * w[j].to_f64() + b[j].to_f64());
-                    }
-                },
-            )
+            normalize_row(row, w, b, self.eps, out);
         })
     }
 
@@ -106,6 +96,30 @@ impl LayerNormOp {
             out[(rows + 1) * dim + j] = T::from_f64(db[j]);
         }
         out
+    }
+}
+
+/// One row of [`LayerNormOp`]'s forward in portable code, compiled for AVX2 / AVX-512 where
+/// present (`vector_math::layer_norm_row` covers f32 on AVX-512).
+#[inline]
+fn normalize_row<T: WithDType>(row: &[T], w: &[T], b: &[T], eps: f64, out: &mut [T]) {
+    with_simd(
+        #[inline(always)]
+        || {
+            let (mean, rstd) = row_stats(row, eps);
+            for (j, o) in out.iter_mut().enumerate() {
+                let normed = (row[j].to_f64() - mean) * rstd;
+                *o = T::from_f64(normed * w[j].to_f64() + b[j].to_f64());
+            }
+        },
+    )
+}
+
+/// One f32 row of [`LayerNormOp`]'s forward (the same values): the AVX-512 row where
+/// present, else the portable one.
+pub(super) fn layer_norm_row_f32(row: &[f32], w: &[f32], b: &[f32], eps: f64, out: &mut [f32]) {
+    if crate::vector_math::layer_norm_row(row, w, b, eps, out).is_none() {
+        normalize_row(row, w, b, eps, out);
     }
 }
 

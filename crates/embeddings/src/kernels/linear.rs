@@ -16,8 +16,7 @@ pub(crate) struct LinearOp {
     /// Apply the erf GELU to the output in place (inference: the op then has no backward,
     /// which would need the pre-activation values).
     pub gelu: bool,
-    /// The same weight packed into panels: f32 products over the rows it covers
-    /// (`PanelWeights::covers`) use it instead of the general GEMM.
+    /// The same weight packed into panels: f32 products use it instead of the general GEMM.
     pub panels: Option<Arc<crate::panel_gemm::PanelWeights>>,
     /// A contiguous `[.., out]` tensor of the output's shape added to the product (inference:
     /// BERT's residual connection), by starting the GEMM from `bias + residual` instead of
@@ -82,7 +81,7 @@ impl LinearOp {
         let panels = self
             .panels
             .as_deref()
-            .filter(|p| p.covers(rows) && p.fits(in_dim, out_dim) && as_f32(x).is_some());
+            .filter(|p| p.fits(in_dim, out_dim) && as_f32(x).is_some());
         // A GELU layer (inference, no residual) on the general GEMM has the product written
         // without the output being read (no bias-filled rows to start from) and the bias
         // added in the GELU pass: one pass less over its `rows x 4 hidden` output.

@@ -441,6 +441,7 @@ fn ordered_row_sums<A: Copy + Default + std::ops::AddAssign + Send + Sync>(
 mod attention;
 mod dropout;
 mod embedding;
+mod feed_forward;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -451,6 +452,7 @@ mod tests;
 pub(crate) use attention::{AttentionOp, PackedAttentionOp, SavedAttention, SavedProbs, SharedMut};
 pub(crate) use dropout::DropoutOp;
 pub(crate) use embedding::EmbeddingOp;
+pub(crate) use feed_forward::FeedForwardOp;
 pub(crate) use gelu::GeluErfOp;
 pub(crate) use layer_norm::LayerNormOp;
 pub(crate) use linear::{merge_low_rank_transposed, LinearOp, WeightLayout};

@@ -162,8 +162,8 @@ impl Linear {
     /// was two thirds of a 1 x 16 forward pass). For inference: the transposed copy replaces
     /// the weight, so it is detached from any gradient; a weight already in that layout is left
     /// as is. An f32 weight on a CPU with AVX-512 or AVX2 and FMA is also packed into panels
-    /// (`panel_gemm`: the weight read in address order; a second copy of it), used for products
-    /// over few rows (AVX-512) or any number (AVX2).
+    /// (`panel_gemm`: the weight read in address order; a second copy of it), used for every
+    /// f32 product.
     /// [`Linear::store_transposed`] then [`Linear::pack_for_small_batches`].
     pub fn use_inference_layout(&mut self) -> Result<()> {
         self.store_transposed()?;
@@ -187,8 +187,8 @@ impl Linear {
     }
 
     /// The panel half of [`Linear::use_inference_layout`]: packs an f32 weight stored
-    /// transposed (on a CPU with AVX-512, or AVX2 and FMA; the name dates from the AVX-512
-    /// kernel, used for small batches only). A weight that is a strided view into a larger
+    /// transposed (on a CPU with AVX-512, or AVX2 and FMA; the name dates from the first
+    /// AVX-512 kernel, used for small batches only). A weight that is a strided view into a larger
     /// block, as query, key and value become when an attention block fuses them, is left
     /// unpacked: inference multiplies by the block, so its panels would go unused.
     pub fn pack_for_small_batches(&mut self) -> Result<()> {
@@ -436,6 +436,52 @@ impl Linear {
             && !self.weight.track_op()
             && self.bias.as_ref().is_some_and(|b| !b.track_op())
     }
+}
+
+/// BERT's feed-forward block for inference, `norm(output(act(intermediate(x))) + x)`, in one
+/// CPU kernel where it applies: f32 on the CPU, the erf GELU, both layers with a bias, no
+/// adapter, packed into panels (AVX-512), nothing tracking a gradient, and a batch of at
+/// least 192 rows (four of the kernel's blocks of 48; fewer would leave threads idle, where the
+/// layers' own kernels share every product out). The kernel runs both products, the GELU,
+/// the residual and the norm block of rows by block of rows, so the
+/// `[rows, 4 hidden]` activations never leave L2. `None` where it does not apply: the caller
+/// runs the layers.
+pub fn fused_feed_forward(
+    x: &Tensor,
+    intermediate: &Linear,
+    act: HiddenAct,
+    output: &Linear,
+    norm: &LayerNorm,
+) -> candle_core::Result<Option<Tensor>> {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    let applies = act == HiddenAct::Gelu
+        && x.dtype() == DType::F32
+        && rows >= crate::kernels::FeedForwardOp::MIN_ROWS
+        && intermediate.inference_kernel_applies(x)
+        && output.inference_kernel_applies(x)
+        && !needs_grad(&[norm.weight(), norm.bias()])
+        && norm.weight().dtype() == DType::F32;
+    let (Some(b1), Some(b2), Some(p1), Some(p2)) = (
+        &intermediate.bias,
+        &output.bias,
+        &intermediate.panels,
+        &output.panels,
+    ) else {
+        return Ok(None);
+    };
+    if !applies || !p1.is_avx512() || !p2.is_avx512() {
+        return Ok(None);
+    }
+    let op = crate::kernels::FeedForwardOp {
+        intermediate: p1.clone(),
+        intermediate_bias: b1.to_vec1()?,
+        output: p2.clone(),
+        output_bias: b2.to_vec1()?,
+        norm_weight: norm.weight().to_vec1()?,
+        norm_bias: norm.bias().to_vec1()?,
+        eps: norm.eps(),
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
 }
 
 impl Module for Linear {

@@ -35,7 +35,7 @@ pub use attention::{
 pub use dropout::{seed_dropout, Dropout, SplitMix64};
 pub use embedding::Embedding;
 pub use layer_norm::LayerNorm;
-pub use linear::{join_path, Linear, LoraAdapter, NamedLinears};
+pub use linear::{fused_feed_forward, join_path, Linear, LoraAdapter, NamedLinears};
 
 /// The dtype reductions run in: f32 for half-precision inputs, the input's own otherwise.
 pub fn compute_dtype(dtype: DType) -> DType {

@@ -625,3 +625,64 @@ fn panels_only_for_weights_stored_transposed() {
     both.use_inference_layout().unwrap();
     assert!(both.panels.is_some());
 }
+
+/// The fused feed-forward block (AVX-512, f32, from `FeedForwardOp::MIN_ROWS` rows) gives
+/// what the two layers give one after the other, over whole and partial blocks of rows; below
+/// its row count, in f64, with an adapter, with another activation or while weights track
+/// gradients it does not apply (`None`).
+#[test]
+fn fused_feed_forward_matches_the_layers() {
+    let dev = Device::Cpu;
+    let (hidden, inner) = (40, 160);
+    let randn = |shape: &[usize], scale: f64| {
+        (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap()
+    };
+    let mut intermediate = Linear::new(randn(&[inner, hidden], 0.2), Some(randn(&[inner], 0.5)));
+    let mut output = Linear::new(randn(&[hidden, inner], 0.1), Some(randn(&[hidden], 0.5)));
+    let norm = LayerNorm::new(randn(&[hidden], 1.0), randn(&[hidden], 1.0), 1e-12);
+    let layers = |x: &Tensor, intermediate: &Linear, output: &Linear| {
+        let inner = intermediate.forward_activation(x, HiddenAct::Gelu).unwrap();
+        output.forward_residual_norm(&inner, x, &norm).unwrap()
+    };
+    let rows = crate::kernels::FeedForwardOp::MIN_ROWS + 29;
+    let x = randn(&[1, rows, hidden], 1.0);
+    let fused = |x: &Tensor, intermediate: &Linear, output: &Linear, act| {
+        fused_feed_forward(x, intermediate, act, output, &norm).unwrap()
+    };
+    // Not packed yet: the layers run.
+    assert!(fused(&x, &intermediate, &output, HiddenAct::Gelu).is_none());
+    intermediate.use_inference_layout().unwrap();
+    output.use_inference_layout().unwrap();
+    let avx512 = intermediate.panels.as_ref().is_some_and(|p| p.is_avx512());
+    let expected = layers(&x, &intermediate, &output);
+    match fused(&x, &intermediate, &output, HiddenAct::Gelu) {
+        Some(y) => {
+            assert!(avx512, "fused without the AVX-512 kernel");
+            assert_eq!(y.dims(), expected.dims());
+            let d = max_abs_diff(&y, &expected);
+            assert!(d < 1e-5, "fused against the layers: {d}");
+        }
+        None => assert!(!avx512, "the fused block applies here"),
+    }
+    // Too few rows, another activation, f64: the layers.
+    let short = x
+        .narrow(1, 0, crate::kernels::FeedForwardOp::MIN_ROWS - 1)
+        .unwrap();
+    assert!(fused(&short, &intermediate, &output, HiddenAct::Gelu).is_none());
+    assert!(fused(&x, &intermediate, &output, HiddenAct::Relu).is_none());
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    assert!(fused(&x64, &intermediate, &output, HiddenAct::Gelu).is_none());
+    // An input that tracks a gradient takes the layers, which have a backward.
+    let tracked = Var::from_tensor(&x).unwrap();
+    assert!(fused(tracked.as_tensor(), &intermediate, &output, HiddenAct::Gelu).is_none());
+    // An unmerged adapter: the layers, which add its update.
+    let adapter = LoraAdapter::new(
+        randn(&[4, hidden], 0.1),
+        randn(&[inner, 4], 0.1),
+        2.0,
+        Dropout::new(0.0).unwrap(),
+    )
+    .unwrap();
+    intermediate.set_adapter(Some(adapter)).unwrap();
+    assert!(fused(&x, &intermediate, &output, HiddenAct::Gelu).is_none());
+}

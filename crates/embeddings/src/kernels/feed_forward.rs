@@ -1,0 +1,120 @@
+//! BERT's feed-forward block for f32 inference in one kernel, block of rows by block of rows:
+//! `LayerNorm(gelu(x W1^T + b1) W2^T + b2 + x)` (`BertIntermediate`, then `BertOutput`).
+
+use super::gelu::gelu;
+use super::layer_norm::layer_norm_row_f32;
+use super::*;
+use crate::panel_gemm::PanelWeights;
+
+/// Rows per block: the block's intermediate activations (48 x 1536 floats at MiniLM's and
+/// BERT-base's 4x widening, 288 KiB) stay in L2 from the first product, through the GELU,
+/// to the second, where the unfused layers wrote the whole `[rows, 4 hidden]` tensor (25 MB at
+/// 8 x 512) out to memory and read it back twice.
+const BLOCK_ROWS: usize = 48;
+
+/// The fused feed-forward block. Inputs: `x`, `[.., hidden]` contiguous. No backward (see
+/// `nn::fused_feed_forward` for when it runs).
+#[derive(Debug, Clone)]
+pub(crate) struct FeedForwardOp {
+    /// `intermediate.dense`, packed: `hidden -> inner`.
+    pub intermediate: Arc<PanelWeights>,
+    pub intermediate_bias: Vec<f32>,
+    /// `output.dense`, packed: `inner -> hidden`.
+    pub output: Arc<PanelWeights>,
+    pub output_bias: Vec<f32>,
+    /// `output.LayerNorm`.
+    pub norm_weight: Vec<f32>,
+    pub norm_bias: Vec<f32>,
+    pub eps: f64,
+}
+
+/// One thread's buffers for its blocks.
+#[derive(Default)]
+struct BlockScratch {
+    inner: Vec<f32>,
+    summed: Vec<f32>,
+}
+
+impl FeedForwardOp {
+    /// Rows from which the fused block is used: below, a pass has too few blocks to share out
+    /// over the threads, and the layers' own kernels share every product out instead.
+    pub const MIN_ROWS: usize = 4 * BLOCK_ROWS;
+
+    fn forward(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let hidden = self.output_bias.len();
+        let inner = self.intermediate_bias.len();
+        let consistent = self.intermediate.fits(hidden, inner)
+            && self.output.fits(inner, hidden)
+            && self.norm_weight.len() == hidden
+            && self.norm_bias.len() == hidden
+            && hidden > 0
+            && x.len().is_multiple_of(hidden);
+        if !consistent {
+            candle_core::bail!(
+                "bert-feed-forward: input of {} floats for {hidden} -> {inner} -> {hidden}",
+                x.len()
+            )
+        }
+        let rows = x.len() / hidden;
+        let mut y = filled(rows * hidden, 0f32);
+        let out = SharedMut(y.as_mut_ptr());
+        crate::team::parallel_for_init(
+            rows.div_ceil(BLOCK_ROWS),
+            BlockScratch::default,
+            |scratch, block| {
+                let (start, end) = (block * BLOCK_ROWS, rows.min((block + 1) * BLOCK_ROWS));
+                // SAFETY: blocks are disjoint row ranges of y, each written by one task.
+                let y = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.get().add(start * hidden),
+                        (end - start) * hidden,
+                    )
+                };
+                self.block(&x[start * hidden..end * hidden], y, scratch);
+            },
+        );
+        Ok(y)
+    }
+
+    /// The block of rows `x` (whole rows) into `y`, on this thread.
+    fn block(&self, x: &[f32], y: &mut [f32], scratch: &mut BlockScratch) {
+        let hidden = self.output_bias.len();
+        let rows = x.len() / hidden;
+        let BlockScratch { inner, summed } = scratch;
+        inner.clear();
+        for _ in 0..rows {
+            inner.extend_from_slice(&self.intermediate_bias);
+        }
+        self.intermediate.multiply_add_here(x, rows, inner);
+        if !crate::vector_math::gelu_in_place(inner) {
+            with_simd(
+                #[inline(always)]
+                || inner.iter_mut().for_each(|v| *v = gelu(*v)),
+            );
+        }
+        // The second product starts from `b2 + x`: the residual joins without a pass.
+        summed.clear();
+        for row in x.chunks_exact(hidden) {
+            summed.extend(row.iter().zip(&self.output_bias).map(|(&v, &b)| v + b));
+        }
+        self.output.multiply_add_here(inner, rows, summed);
+        for (row, out) in summed.chunks_exact(hidden).zip(y.chunks_exact_mut(hidden)) {
+            layer_norm_row_f32(row, &self.norm_weight, &self.norm_bias, self.eps, out);
+        }
+    }
+}
+
+impl CustomOp1 for FeedForwardOp {
+    fn name(&self) -> &'static str {
+        "bert-feed-forward"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match x {
+            CpuStorage::F32(x) => self.forward(contiguous(x, xl, name)?)?,
+            _ => candle_core::bail!("{name}: f32 input expected"),
+        };
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
