@@ -14,6 +14,8 @@ mod kernels;
 pub mod nn;
 mod panel_gemm;
 pub mod team;
+#[cfg(target_arch = "x86_64")]
+mod tiled_attention;
 mod vector_math;
 
 pub use config::{Config, HiddenAct, PositionEmbeddingType, ProblemType};

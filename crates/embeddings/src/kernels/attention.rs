@@ -160,6 +160,37 @@ impl AttentionOp {
         // Inference (no dropout, probabilities not kept) in f32 divides the `P V` rows by the
         // softmax sums instead of the probability rows: head size (32) wide, not sequence wide.
         let divide_after = self.dropout.is_none() && probs_ptr.is_none();
+        #[cfg(target_arch = "x86_64")]
+        if divide_after && crate::tiled_attention::supports(d) {
+            if let (Some(q), Some(k), Some(v)) = (as_f32(q), as_f32(k), as_f32(v)) {
+                let scale = self.scale as f32;
+                let init = crate::tiled_attention::HeadScratch::default;
+                crate::team::parallel_for_init(batch * heads, init, |scratch, task| {
+                    let (b, h) = (task / heads, task % heads);
+                    let base = b * seq * ld + h * d;
+                    let bias = self.bias.as_ref().map(|bias| &bias[b * seq..(b + 1) * seq]);
+                    // SAFETY: supported (checked above); q, k and v hold `seq` rows of stride
+                    // `ld` from `base` on, and this task alone writes context rows b, columns
+                    // h*d..(h+1)*d, a buffer apart from the inputs.
+                    unsafe {
+                        crate::tiled_attention::attention_head(
+                            q[base..].as_ptr(),
+                            k[base..].as_ptr(),
+                            v[base..].as_ptr(),
+                            ld,
+                            seq,
+                            d,
+                            scale,
+                            bias,
+                            ctx_ptr.get().add(b * seq * hidden + h * d).cast::<f32>(),
+                            hidden,
+                            scratch,
+                        );
+                    }
+                });
+                return (context, probs);
+            }
+        }
         let init = || (Vec::new(), Vec::new());
         crate::team::parallel_for_init(batch * heads, init, |state, task| {
             let (scratch, sums): &mut (Vec<T>, Vec<f32>) = state;
