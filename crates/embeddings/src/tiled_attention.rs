@@ -23,41 +23,40 @@ const LANES: usize = 16;
 /// a page or more for long rows, where the hardware prefetchers do not follow.
 const PACK_AHEAD: usize = 8;
 
-/// `keys_t[i][j] = k[j][i]` and `values[j] = v[j]` for the `seq` keys.
+/// `keys_t[i][j] = k[j][i]` and `values[j] = v[j]` for the `seq` keys of a head of `16 V`
+/// dimensions: each row read as `V` registers (written whole, with no loop that the compiler
+/// could turn into a `memcpy` call per row).
 ///
 /// # Safety
-/// As [`attention_head`]; `keys_t` holds `d x padded`, `values` `seq x d`.
-#[allow(clippy::too_many_arguments)]
+/// As [`attention_head`]; `keys_t` holds `16 V x padded`, `values` `seq x 16 V`.
 #[target_feature(enable = "avx512f")]
-unsafe fn pack(
+unsafe fn pack<const V: usize>(
     k: *const f32,
     v: *const f32,
     ld: usize,
     seq: usize,
-    d: usize,
     padded: usize,
     keys_t: &mut [f32],
     values: &mut [f32],
 ) {
+    let d = V * LANES;
     debug_assert!(keys_t.len() >= d * padded && values.len() >= seq * d);
     for j in 0..seq {
         let ahead = (j + PACK_AHEAD).min(seq - 1) * ld;
-        for x in (0..d).step_by(LANES) {
-            _mm_prefetch::<_MM_HINT_T0>(k.add(ahead + x).cast());
-            _mm_prefetch::<_MM_HINT_T0>(v.add(ahead + x).cast());
+        for x in 0..V {
+            _mm_prefetch::<_MM_HINT_T0>(k.add(ahead + x * LANES).cast());
+            _mm_prefetch::<_MM_HINT_T0>(v.add(ahead + x * LANES).cast());
         }
         let (k_row, v_row) = (k.add(j * ld), v.add(j * ld));
-        for x in (0..d).step_by(LANES) {
-            let kv = _mm512_loadu_ps(k_row.add(x));
-            let mut lanes = [0f32; LANES];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), kv);
-            for (i, &value) in lanes.iter().enumerate() {
-                *keys_t.get_unchecked_mut((x + i) * padded + j) = value;
-            }
+        for x in 0..V {
             _mm512_storeu_ps(
-                values.as_mut_ptr().add(j * d + x),
-                _mm512_loadu_ps(v_row.add(x)),
+                values.as_mut_ptr().add(j * d + x * LANES),
+                _mm512_loadu_ps(v_row.add(x * LANES)),
             );
+            let lanes: [f32; LANES] = std::mem::transmute(_mm512_loadu_ps(k_row.add(x * LANES)));
+            for (i, &value) in lanes.iter().enumerate() {
+                *keys_t.get_unchecked_mut((x * LANES + i) * padded + j) = value;
+            }
         }
     }
 }
@@ -134,7 +133,12 @@ pub(crate) unsafe fn attention_head(
     keys_t.resize(d * padded, 0.0);
     values.resize(seq * d, 0.0);
     scores.resize(TILE_QUERIES * padded, 0.0);
-    pack(k, v, ld, seq, d, padded, keys_t, values);
+    match d / LANES {
+        1 => pack::<1>(k, v, ld, seq, padded, keys_t, values),
+        2 => pack::<2>(k, v, ld, seq, padded, keys_t, values),
+        3 => pack::<3>(k, v, ld, seq, padded, keys_t, values),
+        _ => pack::<4>(k, v, ld, seq, padded, keys_t, values),
+    }
     for i in 0..d {
         keys_t[i * padded + seq..(i + 1) * padded].fill(0.0);
     }
