@@ -6,8 +6,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{
-    attention_probabilities, compute_dtype, fused_attention, fused_attention_packed, join_path,
-    Dropout, Embedding, LayerNorm, Linear, NamedLinears,
+    attention_probabilities, compute_dtype, fused_attention, fused_attention_block,
+    fused_attention_packed, join_path, Dropout, Embedding, LayerNorm, Linear, NamedLinears,
 };
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
@@ -307,10 +307,40 @@ impl BertAttention {
         train: bool,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        if !train && !want_probs {
+            if let Some(out) = self.fused_inference(hidden_states, bias)? {
+                return Ok((out, None));
+            }
+        }
         let (context, probs) =
             self.self_attention
                 .forward(hidden_states, bias, train, want_probs)?;
         Ok((self.output.forward(&context, hidden_states, train)?, probs))
+    }
+
+    /// The whole block for inference in one CPU kernel where it applies
+    /// ([`fused_attention_block`]: the query, key and value fused, absolute positions, f32,
+    /// AVX-512, at least two sequences per thread); `None` where it does not.
+    fn fused_inference(
+        &self,
+        hidden_states: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let attention = &self.self_attention;
+        let Some(qkv) = attention.qkv.as_ref() else {
+            return Ok(None);
+        };
+        if attention.distance_embedding.is_some() {
+            return Ok(None);
+        }
+        Ok(fused_attention_block(
+            hidden_states,
+            qkv,
+            attention.num_heads,
+            bias,
+            &self.output.dense,
+            &self.output.layer_norm,
+        )?)
     }
 }
 

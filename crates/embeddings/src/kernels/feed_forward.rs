@@ -92,15 +92,32 @@ impl FeedForwardOp {
                 || inner.iter_mut().for_each(|v| *v = gelu(*v)),
             );
         }
-        // The second product starts from `b2 + x`: the residual joins without a pass.
-        summed.clear();
-        for row in x.chunks_exact(hidden) {
-            summed.extend(row.iter().zip(&self.output_bias).map(|(&v, &b)| v + b));
-        }
-        self.output.multiply_add_here(inner, rows, summed);
-        for (row, out) in summed.chunks_exact(hidden).zip(y.chunks_exact_mut(hidden)) {
-            layer_norm_row_f32(row, &self.norm_weight, &self.norm_bias, self.eps, out);
-        }
+        let norm = (&self.norm_weight[..], &self.norm_bias[..], self.eps);
+        project_residual_norm(&self.output, &self.output_bias, inner, x, norm, summed, y);
+    }
+}
+
+/// `y = LayerNorm(input W^T + bias + residual)` for whole rows on this thread, `W` packed
+/// (`[hidden, in]`): BERT's output blocks. The product starts from `bias + residual`, so the
+/// residual joins without a pass of its own; `summed` is scratch.
+pub(super) fn project_residual_norm(
+    weight: &PanelWeights,
+    bias: &[f32],
+    input: &[f32],
+    residual: &[f32],
+    (norm_weight, norm_bias, eps): (&[f32], &[f32], f64),
+    summed: &mut Vec<f32>,
+    y: &mut [f32],
+) {
+    let hidden = bias.len();
+    let rows = residual.len() / hidden;
+    summed.clear();
+    for row in residual.chunks_exact(hidden) {
+        summed.extend(row.iter().zip(bias).map(|(&v, &b)| v + b));
+    }
+    weight.multiply_add_here(input, rows, summed);
+    for (row, out) in summed.chunks_exact(hidden).zip(y.chunks_exact_mut(hidden)) {
+        layer_norm_row_f32(row, norm_weight, norm_bias, eps, out);
     }
 }
 

@@ -439,6 +439,8 @@ fn ordered_row_sums<A: Copy + Default + std::ops::AddAssign + Send + Sync>(
 }
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_block;
 mod dropout;
 mod embedding;
 mod feed_forward;
@@ -450,6 +452,8 @@ mod softmax;
 mod tests;
 
 pub(crate) use attention::{AttentionOp, PackedAttentionOp, SavedAttention, SavedProbs, SharedMut};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use attention_block::AttentionBlockOp;
 pub(crate) use dropout::DropoutOp;
 pub(crate) use embedding::EmbeddingOp;
 pub(crate) use feed_forward::FeedForwardOp;

@@ -146,6 +146,61 @@ pub fn fused_attention_packed(
     Ok(Some((context, probs)))
 }
 
+/// BERT's attention block for inference, `norm(output(attention(qkv(x))) + x)`, in one CPU
+/// kernel where it applies: f32 on the CPU with AVX-512, a fused QKV projection and an
+/// output layer that both have a bias, no adapter and AVX-512 panels, a head size of 16 to 64,
+/// nothing tracking a gradient, a padding `bias` of one `[batch, 1, 1, seq]` row per sequence
+/// (or none), and at least two sequences per thread and 192 tokens. Each thread takes whole
+/// sequences through the projection, every head's attention, the output projection, the
+/// residual and the norm, so a sequence's query, key, value and context rows stay in its
+/// caches between them and the threads meet once per block instead of four times. `None`
+/// where it does not apply: the caller runs the layers.
+pub fn fused_attention_block(
+    x: &Tensor,
+    qkv: &Linear,
+    heads: usize,
+    bias: Option<&Tensor>,
+    output: &Linear,
+    norm: &LayerNorm,
+) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (batch, seq, hidden) = x.dims3()?;
+        let threads = candle_core::utils::get_num_threads();
+        let applies = heads > 0
+            && hidden.is_multiple_of(heads)
+            && crate::tiled_attention::supports(hidden / heads)
+            && batch >= 2 * threads
+            && batch * seq >= crate::kernels::FeedForwardOp::MIN_ROWS
+            && norm.fits_fused_block();
+        let (Some((p_qkv, b_qkv)), Some((p_out, b_out)), true) =
+            (qkv.avx512_panels(x), output.avx512_panels(x), applies)
+        else {
+            return Ok(None);
+        };
+        let Some(mask) = attention_kernel_bias(x, batch, seq, hidden, heads, bias)? else {
+            return Ok(None);
+        };
+        let op = crate::kernels::AttentionBlockOp {
+            qkv: p_qkv.clone(),
+            qkv_bias: b_qkv.to_vec1()?,
+            heads,
+            mask,
+            output: p_out.clone(),
+            output_bias: b_out.to_vec1()?,
+            norm_weight: norm.weight().to_vec1()?,
+            norm_bias: norm.bias().to_vec1()?,
+            eps: norm.eps(),
+        };
+        x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, qkv, heads, bias, output, norm);
+        Ok(None)
+    }
+}
+
 /// The probabilities an attention kernel kept, on `device`, when the caller asked for them.
 fn kept_probabilities(
     saved: &crate::kernels::SavedAttention,

@@ -35,6 +35,12 @@ impl LayerNorm {
     pub fn eps(&self) -> f64 {
         self.eps
     }
+
+    /// Whether a fused f32 inference block may apply this norm: f32 parameters that track no
+    /// gradient.
+    pub(super) fn fits_fused_block(&self) -> bool {
+        self.weight.dtype() == DType::F32 && !needs_grad(&[&self.weight, &self.bias])
+    }
 }
 
 impl Module for LayerNorm {

@@ -426,6 +426,20 @@ impl Linear {
         )
     }
 
+    /// This layer's AVX-512 panels and bias, for a fused inference block over `x`: `Some`
+    /// where the inference kernel applies, `x` is f32 and the weight is packed for the AVX-512
+    /// kernel.
+    pub(super) fn avx512_panels(
+        &self,
+        x: &Tensor,
+    ) -> Option<(&std::sync::Arc<crate::panel_gemm::PanelWeights>, &Tensor)> {
+        if x.dtype() != DType::F32 || !self.inference_kernel_applies(x) {
+            return None;
+        }
+        let panels = self.panels.as_ref().filter(|p| p.is_avx512())?;
+        Some((panels, self.bias.as_ref()?))
+    }
+
     /// Whether the inference-only CPU kernel (no backward) computes this layer on `x`: CPU,
     /// f32/f64, a bias, no adapter and nothing tracking a gradient.
     fn inference_kernel_applies(&self, x: &Tensor) -> bool {
@@ -455,23 +469,15 @@ pub fn fused_feed_forward(
 ) -> candle_core::Result<Option<Tensor>> {
     let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
     let applies = act == HiddenAct::Gelu
-        && x.dtype() == DType::F32
         && rows >= crate::kernels::FeedForwardOp::MIN_ROWS
-        && intermediate.inference_kernel_applies(x)
-        && output.inference_kernel_applies(x)
-        && !needs_grad(&[norm.weight(), norm.bias()])
-        && norm.weight().dtype() == DType::F32;
-    let (Some(b1), Some(b2), Some(p1), Some(p2)) = (
-        &intermediate.bias,
-        &output.bias,
-        &intermediate.panels,
-        &output.panels,
+        && norm.fits_fused_block();
+    let (Some((p1, b1)), Some((p2, b2)), true) = (
+        intermediate.avx512_panels(x),
+        output.avx512_panels(x),
+        applies,
     ) else {
         return Ok(None);
     };
-    if !applies || !p1.is_avx512() || !p2.is_avx512() {
-        return Ok(None);
-    }
     let op = crate::kernels::FeedForwardOp {
         intermediate: p1.clone(),
         intermediate_bias: b1.to_vec1()?,

@@ -686,3 +686,69 @@ fn fused_feed_forward_matches_the_layers() {
     intermediate.set_adapter(Some(adapter)).unwrap();
     assert!(fused(&x, &intermediate, &output, HiddenAct::Gelu).is_none());
 }
+
+/// The fused attention block (AVX-512, f32, two sequences or more per thread, from 192
+/// tokens) gives what the fused QKV projection, the packed attention kernel and the output
+/// layer give one after the other, with a padding mask; where it does not apply (f64, too
+/// few sequences, a head size the kernel lacks, an unpacked layer) it says so (`None`).
+#[test]
+fn fused_attention_block_matches_the_layers() {
+    let dev = Device::Cpu;
+    let (hidden, heads) = (32, 2);
+    let randn = |shape: &[usize], scale: f64| {
+        (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap()
+    };
+    let mut qkv = Linear::new(
+        randn(&[3 * hidden, hidden], 0.3),
+        Some(randn(&[3 * hidden], 0.3)),
+    );
+    let mut output = Linear::new(randn(&[hidden, hidden], 0.2), Some(randn(&[hidden], 0.5)));
+    let norm = LayerNorm::new(randn(&[hidden], 1.0), randn(&[hidden], 1.0), 1e-12);
+    let threads = candle_core::utils::get_num_threads();
+    let (batch, seq) = (2 * threads + 1, 200 / (2 * threads) + 7);
+    let x = randn(&[batch, seq, hidden], 1.0);
+    // Padding: sequence b keeps its first seq - b % 5 tokens.
+    let mask: Vec<f32> = (0..batch * seq)
+        .map(|i| {
+            if i % seq < seq - (i / seq) % 5 {
+                0.0
+            } else {
+                -10000.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (batch, 1, 1, seq), &dev).unwrap();
+    let block = |x: &Tensor, qkv: &Linear, output: &Linear, heads| {
+        fused_attention_block(x, qkv, heads, Some(&mask), output, &norm).unwrap()
+    };
+    // Not packed yet: the layers run.
+    assert!(block(&x, &qkv, &output, heads).is_none());
+    qkv.use_inference_layout().unwrap();
+    output.use_inference_layout().unwrap();
+    let packed = qkv.forward_t(&x, false).unwrap();
+    let (context, _) = fused_attention_packed(&packed, heads, Some(&mask), false)
+        .unwrap()
+        .expect("the packed kernel applies on the CPU");
+    let expected = output.forward_residual_norm(&context, &x, &norm).unwrap();
+    let avx512 = qkv.panels.as_ref().is_some_and(|p| p.is_avx512());
+    match block(&x, &qkv, &output, heads) {
+        Some(y) => {
+            assert!(avx512, "fused without the AVX-512 kernel");
+            assert_eq!(y.dims(), expected.dims());
+            let d = max_abs_diff(&y, &expected);
+            assert!(d < 1e-5, "fused block against the layers: {d}");
+        }
+        None => assert!(!avx512, "the fused block applies here"),
+    }
+    // Heads of 8 (no kernel), too few sequences, f64: the layers.
+    assert!(block(&x, &qkv, &output, 4).is_none());
+    let few = x.narrow(0, 0, 2 * threads - 1).unwrap();
+    let few_mask = mask.narrow(0, 0, 2 * threads - 1).unwrap();
+    assert!(
+        fused_attention_block(&few, &qkv, heads, Some(&few_mask), &output, &norm)
+            .unwrap()
+            .is_none()
+    );
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    assert!(block(&x64, &qkv, &output, heads).is_none());
+}
