@@ -85,11 +85,8 @@ impl AttentionBlockOp {
             summed,
             head,
         } = scratch;
-        qkv.clear();
-        for _ in 0..seq {
-            qkv.extend_from_slice(&self.qkv_bias);
-        }
-        self.qkv.multiply_add_here(x, seq, qkv);
+        qkv.resize(seq * 3 * hidden, 0.0);
+        self.qkv.multiply_bias_here(x, seq, &self.qkv_bias, qkv);
         context.resize(seq * hidden, 0.0);
         let scale = 1.0 / (head_dim as f32).sqrt();
         for h in 0..self.heads {

@@ -81,11 +81,9 @@ impl FeedForwardOp {
         let hidden = self.output_bias.len();
         let rows = x.len() / hidden;
         let BlockScratch { inner, summed } = scratch;
-        inner.clear();
-        for _ in 0..rows {
-            inner.extend_from_slice(&self.intermediate_bias);
-        }
-        self.intermediate.multiply_add_here(x, rows, inner);
+        inner.resize(rows * self.intermediate_bias.len(), 0.0);
+        self.intermediate
+            .multiply_bias_here(x, rows, &self.intermediate_bias, inner);
         if !crate::vector_math::gelu_in_place(inner) {
             with_simd(
                 #[inline(always)]
