@@ -146,8 +146,8 @@ pub fn fused_attention_packed(
     Ok(Some((context, probs)))
 }
 
-/// BERT's attention block for inference, `norm(output(attention(qkv(x))) + x)`, in one CPU
-/// kernel where it applies: f32 on the CPU with AVX-512, a fused QKV projection and an
+/// BERT's attention block for inference, `norm(output(attention(qkv(x))) + x)` for `x` of
+/// `[batch, seq, hidden]`, in one CPU kernel where it applies: f32 on the CPU with AVX-512, a fused QKV projection and an
 /// output layer that both have a bias, no adapter and AVX-512 panels, a head size of 16 to 64,
 /// nothing tracking a gradient, a padding `bias` of one `[batch, 1, 1, seq]` row per sequence
 /// (or none), and at least two sequences per thread and 192 tokens. Each thread takes whole
@@ -165,7 +165,9 @@ pub fn fused_attention_block(
 ) -> candle_core::Result<Option<Tensor>> {
     #[cfg(target_arch = "x86_64")]
     {
-        let (batch, seq, hidden) = x.dims3()?;
+        let Ok((batch, seq, hidden)) = x.dims3() else {
+            return Ok(None);
+        };
         let threads = candle_core::utils::get_num_threads();
         let applies = heads > 0
             && hidden.is_multiple_of(heads)
