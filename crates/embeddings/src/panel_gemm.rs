@@ -393,7 +393,8 @@ impl Prefetch {
 }
 
 /// `$kernel::<R>(args..)` for a tile of `$tile` (1..=6) rows: each row count is its own
-/// compiled kernel, its accumulators held in registers.
+/// compiled kernel, its accumulators held in registers. Also the tiled attention's dispatch
+/// over its tiles of six queries.
 #[cfg(target_arch = "x86_64")]
 macro_rules! for_tile_rows {
     ($tile:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
@@ -407,6 +408,8 @@ macro_rules! for_tile_rows {
         }
     };
 }
+#[cfg(target_arch = "x86_64")]
+pub(crate) use for_tile_rows;
 
 /// Dispatches a tile of `tile` (1..=6) rows to the AVX-512 kernel compiled for that count.
 ///

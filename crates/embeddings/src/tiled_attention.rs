@@ -12,9 +12,13 @@
 
 use std::arch::x86_64::*;
 
+use crate::panel_gemm::for_tile_rows;
+
 /// Queries per tile: their accumulators for up to 64 keys (or a 64-wide head) fill 24 of the
-/// 32 vector registers.
+/// 32 vector registers. Six, the panel product's tile, whose dispatch over 1..=6 rows
+/// ([`for_tile_rows`]) serves here too.
 const TILE_QUERIES: usize = 6;
+const _: () = assert!(TILE_QUERIES == 6, "for_tile_rows dispatches 1..=6 rows");
 
 /// Keys per vector register.
 const LANES: usize = 16;
@@ -59,21 +63,6 @@ unsafe fn pack<const V: usize>(
             }
         }
     }
-}
-
-/// `$kernel::<R>(args..)` for a tile of `$rows` (1..=6) queries: each count its own compiled
-/// kernel, its accumulators in registers.
-macro_rules! for_rows {
-    ($rows:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
-        match $rows {
-            1 => $kernel::<1>($($arg),*),
-            2 => $kernel::<2>($($arg),*),
-            3 => $kernel::<3>($($arg),*),
-            4 => $kernel::<4>($($arg),*),
-            5 => $kernel::<5>($($arg),*),
-            _ => $kernel::<6>($($arg),*),
-        }
-    };
 }
 
 /// Per-thread buffers, kept across the (sequence, head) tasks a thread runs.
@@ -146,13 +135,13 @@ pub(crate) unsafe fn attention_head(
     for first in (0..seq).step_by(TILE_QUERIES) {
         let rows = TILE_QUERIES.min(seq - first);
         let q = q.add(first * ld);
-        for_rows!(rows, scores_tile(q, ld, keys_t, padded, d, scores));
+        for_tile_rows!(rows, scores_tile(q, ld, keys_t, padded, d, scores));
         for (r, sum) in sums.iter_mut().enumerate().take(rows) {
             let row = &mut scores[r * padded..r * padded + seq];
             *sum = crate::vector_math::scaled_exp_row(row, scale, bias);
         }
         let out = out.add(first * out_stride);
-        for_rows!(
+        for_tile_rows!(
             rows,
             context_tile(scores, padded, seq, values, d, &sums, out, out_stride)
         );

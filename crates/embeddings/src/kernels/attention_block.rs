@@ -2,7 +2,7 @@
 //! `LayerNorm(attention(x Wqkv^T + bqkv) Wo^T + bo + x)` (`BertSelfAttention` with its query,
 //! key and value fused, then `BertSelfOutput`).
 
-use super::feed_forward::project_residual_norm;
+use super::feed_forward::OutputNorm;
 use super::*;
 use crate::panel_gemm::PanelWeights;
 
@@ -16,13 +16,8 @@ pub(crate) struct AttentionBlockOp {
     pub heads: usize,
     /// `[batch, seq]` additive mask (the padding), shared by every head and query.
     pub mask: Option<Vec<f32>>,
-    /// `output.dense`, packed: `hidden -> hidden`.
-    pub output: Arc<PanelWeights>,
-    pub output_bias: Vec<f32>,
-    /// `output.LayerNorm`.
-    pub norm_weight: Vec<f32>,
-    pub norm_bias: Vec<f32>,
-    pub eps: f64,
+    /// `output.dense` (`hidden -> hidden`) and `output.LayerNorm`.
+    pub output: OutputNorm,
 }
 
 /// One thread's buffers for its sequences.
@@ -36,16 +31,14 @@ struct SequenceScratch {
 
 impl AttentionBlockOp {
     fn forward(&self, x: &[f32], batch: usize, seq: usize) -> candle_core::Result<Vec<f32>> {
-        let hidden = self.output_bias.len();
+        let hidden = self.output.hidden();
         let head_dim = hidden / self.heads.max(1);
         let consistent = self.heads > 0
             && hidden.is_multiple_of(self.heads)
             && crate::tiled_attention::supports(head_dim)
             && self.qkv.fits(hidden, 3 * hidden)
             && self.qkv_bias.len() == 3 * hidden
-            && self.output.fits(hidden, hidden)
-            && self.norm_weight.len() == hidden
-            && self.norm_bias.len() == hidden
+            && self.output.fits(hidden)
             && x.len() == batch * seq * hidden
             && self.mask.as_ref().is_none_or(|m| m.len() == batch * seq);
         if !consistent {
@@ -76,7 +69,7 @@ impl AttentionBlockOp {
         y: &mut [f32],
         scratch: &mut SequenceScratch,
     ) {
-        let hidden = self.output_bias.len();
+        let hidden = self.output.hidden();
         let seq = x.len() / hidden;
         let head_dim = hidden / self.heads;
         let SequenceScratch {
@@ -110,8 +103,7 @@ impl AttentionBlockOp {
                 );
             }
         }
-        let norm = (&self.norm_weight[..], &self.norm_bias[..], self.eps);
-        project_residual_norm(&self.output, &self.output_bias, context, x, norm, summed, y);
+        self.output.apply(context, x, summed, y);
     }
 }
 

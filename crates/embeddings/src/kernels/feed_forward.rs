@@ -19,13 +19,56 @@ pub(crate) struct FeedForwardOp {
     /// `intermediate.dense`, packed: `hidden -> inner`.
     pub intermediate: Arc<PanelWeights>,
     pub intermediate_bias: Vec<f32>,
-    /// `output.dense`, packed: `inner -> hidden`.
-    pub output: Arc<PanelWeights>,
-    pub output_bias: Vec<f32>,
-    /// `output.LayerNorm`.
+    /// `output.dense` (`inner -> hidden`) and `output.LayerNorm`.
+    pub output: OutputNorm,
+}
+
+/// BERT's output tail, which both fused blocks end in: `LayerNorm(input W^T + b + residual)`.
+#[derive(Debug, Clone)]
+pub(crate) struct OutputNorm {
+    /// The dense layer, packed: `in -> hidden`.
+    pub dense: Arc<PanelWeights>,
+    pub bias: Vec<f32>,
     pub norm_weight: Vec<f32>,
     pub norm_bias: Vec<f32>,
     pub eps: f64,
+}
+
+impl OutputNorm {
+    /// The output width.
+    pub(super) fn hidden(&self) -> usize {
+        self.bias.len()
+    }
+
+    /// Whether the parts fit each other and an input of `in_dim`.
+    pub(super) fn fits(&self, in_dim: usize) -> bool {
+        let hidden = self.hidden();
+        self.dense.fits(in_dim, hidden)
+            && self.norm_weight.len() == hidden
+            && self.norm_bias.len() == hidden
+    }
+
+    /// `y = LayerNorm(input W^T + bias + residual)` for whole rows on this thread. The product
+    /// starts from `bias + residual`, so the residual joins without a pass of its own;
+    /// `summed` is scratch.
+    pub(super) fn apply(
+        &self,
+        input: &[f32],
+        residual: &[f32],
+        summed: &mut Vec<f32>,
+        y: &mut [f32],
+    ) {
+        let hidden = self.hidden();
+        let rows = residual.len() / hidden;
+        summed.clear();
+        for row in residual.chunks_exact(hidden) {
+            summed.extend(row.iter().zip(&self.bias).map(|(&v, &b)| v + b));
+        }
+        self.dense.multiply_add_here(input, rows, summed);
+        for (row, out) in summed.chunks_exact(hidden).zip(y.chunks_exact_mut(hidden)) {
+            layer_norm_row_f32(row, &self.norm_weight, &self.norm_bias, self.eps, out);
+        }
+    }
 }
 
 /// One thread's buffers for its blocks.
@@ -41,12 +84,10 @@ impl FeedForwardOp {
     pub const MIN_ROWS: usize = 4 * BLOCK_ROWS;
 
     fn forward(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
-        let hidden = self.output_bias.len();
+        let hidden = self.output.hidden();
         let inner = self.intermediate_bias.len();
         let consistent = self.intermediate.fits(hidden, inner)
-            && self.output.fits(inner, hidden)
-            && self.norm_weight.len() == hidden
-            && self.norm_bias.len() == hidden
+            && self.output.fits(inner)
             && hidden > 0
             && x.len().is_multiple_of(hidden);
         if !consistent {
@@ -78,7 +119,7 @@ impl FeedForwardOp {
 
     /// The block of rows `x` (whole rows) into `y`, on this thread.
     fn block(&self, x: &[f32], y: &mut [f32], scratch: &mut BlockScratch) {
-        let hidden = self.output_bias.len();
+        let hidden = self.output.hidden();
         let rows = x.len() / hidden;
         let BlockScratch { inner, summed } = scratch;
         inner.resize(rows * self.intermediate_bias.len(), 0.0);
@@ -90,32 +131,7 @@ impl FeedForwardOp {
                 || inner.iter_mut().for_each(|v| *v = gelu(*v)),
             );
         }
-        let norm = (&self.norm_weight[..], &self.norm_bias[..], self.eps);
-        project_residual_norm(&self.output, &self.output_bias, inner, x, norm, summed, y);
-    }
-}
-
-/// `y = LayerNorm(input W^T + bias + residual)` for whole rows on this thread, `W` packed
-/// (`[hidden, in]`): BERT's output blocks. The product starts from `bias + residual`, so the
-/// residual joins without a pass of its own; `summed` is scratch.
-pub(super) fn project_residual_norm(
-    weight: &PanelWeights,
-    bias: &[f32],
-    input: &[f32],
-    residual: &[f32],
-    (norm_weight, norm_bias, eps): (&[f32], &[f32], f64),
-    summed: &mut Vec<f32>,
-    y: &mut [f32],
-) {
-    let hidden = bias.len();
-    let rows = residual.len() / hidden;
-    summed.clear();
-    for row in residual.chunks_exact(hidden) {
-        summed.extend(row.iter().zip(bias).map(|(&v, &b)| v + b));
-    }
-    weight.multiply_add_here(input, rows, summed);
-    for (row, out) in summed.chunks_exact(hidden).zip(y.chunks_exact_mut(hidden)) {
-        layer_norm_row_f32(row, norm_weight, norm_bias, eps, out);
+        self.output.apply(inner, x, summed, y);
     }
 }
 

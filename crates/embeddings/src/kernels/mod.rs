@@ -456,7 +456,7 @@ pub(crate) use attention::{AttentionOp, PackedAttentionOp, SavedAttention, Saved
 pub(crate) use attention_block::AttentionBlockOp;
 pub(crate) use dropout::DropoutOp;
 pub(crate) use embedding::EmbeddingOp;
-pub(crate) use feed_forward::FeedForwardOp;
+pub(crate) use feed_forward::{FeedForwardOp, OutputNorm};
 pub(crate) use gelu::GeluErfOp;
 pub(crate) use layer_norm::LayerNormOp;
 pub(crate) use linear::{merge_low_rank_transposed, LinearOp, WeightLayout};

@@ -188,11 +188,7 @@ pub fn fused_attention_block(
             qkv_bias: b_qkv.to_vec1()?,
             heads,
             mask,
-            output: p_out.clone(),
-            output_bias: b_out.to_vec1()?,
-            norm_weight: norm.weight().to_vec1()?,
-            norm_bias: norm.bias().to_vec1()?,
-            eps: norm.eps(),
+            output: super::linear::output_norm(p_out, b_out, norm)?,
         };
         x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
     }

@@ -481,13 +481,24 @@ pub fn fused_feed_forward(
     let op = crate::kernels::FeedForwardOp {
         intermediate: p1.clone(),
         intermediate_bias: b1.to_vec1()?,
-        output: p2.clone(),
-        output_bias: b2.to_vec1()?,
+        output: output_norm(p2, b2, norm)?,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+}
+
+/// The output tail of a fused block: a dense layer's panels and bias, and the norm after it.
+pub(super) fn output_norm(
+    panels: &std::sync::Arc<crate::panel_gemm::PanelWeights>,
+    bias: &Tensor,
+    norm: &LayerNorm,
+) -> candle_core::Result<crate::kernels::OutputNorm> {
+    Ok(crate::kernels::OutputNorm {
+        dense: panels.clone(),
+        bias: bias.to_vec1()?,
         norm_weight: norm.weight().to_vec1()?,
         norm_bias: norm.bias().to_vec1()?,
         eps: norm.eps(),
-    };
-    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+    })
 }
 
 impl Module for Linear {
