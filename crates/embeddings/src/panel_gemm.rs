@@ -617,13 +617,8 @@ mod tests {
     #[test]
     fn panel_product_matches_the_plain_product_for_every_kernel_tile_and_edge() {
         // Every kernel this CPU runs (none: nothing to check, callers never use it here).
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rng = crate::nn::SplitMix64(0x2545_F491_4F6C_DD1D);
+        let mut next = move || rng.next_f32() - 0.5;
         // Rows across every tile size and a partial tile; widths with a partial last panel
         // and a partial last register; in dims that are not multiples of anything.
         let shapes = [

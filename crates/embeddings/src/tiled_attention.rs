@@ -318,13 +318,8 @@ mod tests {
         if !supports(32) {
             return; // no AVX-512 here: callers take the general path
         }
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rng = crate::nn::SplitMix64(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || rng.next_f32() - 0.5;
         let mut scratch = HeadScratch::default();
         // Sequences across whole and partial query tiles and key blocks (of 16 and 64), every
         // head size, rows wider than the head (a packed QKV row), and a padding mask.

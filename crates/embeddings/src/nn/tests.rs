@@ -626,6 +626,20 @@ fn panels_only_for_weights_stored_transposed() {
     assert!(both.panels.is_some());
 }
 
+/// A fused block's output where it must apply (the AVX-512 kernel packed): there, within
+/// 1e-5 of the layers' `expected`; elsewhere, none.
+fn assert_fused_matches(what: &str, fused: Option<Tensor>, expected: &Tensor, avx512: bool) {
+    match fused {
+        Some(y) => {
+            assert!(avx512, "{what} without the AVX-512 kernel");
+            assert_eq!(y.dims(), expected.dims());
+            let d = max_abs_diff(&y, expected);
+            assert!(d < 1e-5, "{what} against the layers: {d}");
+        }
+        None => assert!(!avx512, "the {what} applies here"),
+    }
+}
+
 /// The fused feed-forward block (AVX-512, f32, from `FeedForwardOp::MIN_ROWS` rows) gives
 /// what the two layers give one after the other, over whole and partial blocks of rows; below
 /// its row count, in f64, with an adapter, with another activation or while weights track
@@ -655,15 +669,8 @@ fn fused_feed_forward_matches_the_layers() {
     output.use_inference_layout().unwrap();
     let avx512 = intermediate.panels.as_ref().is_some_and(|p| p.is_avx512());
     let expected = layers(&x, &intermediate, &output);
-    match fused(&x, &intermediate, &output, HiddenAct::Gelu) {
-        Some(y) => {
-            assert!(avx512, "fused without the AVX-512 kernel");
-            assert_eq!(y.dims(), expected.dims());
-            let d = max_abs_diff(&y, &expected);
-            assert!(d < 1e-5, "fused against the layers: {d}");
-        }
-        None => assert!(!avx512, "the fused block applies here"),
-    }
+    let y = fused(&x, &intermediate, &output, HiddenAct::Gelu);
+    assert_fused_matches("fused feed-forward block", y, &expected, avx512);
     // Too few rows, another activation, f64: the layers.
     let short = x
         .narrow(1, 0, crate::kernels::FeedForwardOp::MIN_ROWS - 1)
@@ -731,15 +738,8 @@ fn fused_attention_block_matches_the_layers() {
         .expect("the packed kernel applies on the CPU");
     let expected = output.forward_residual_norm(&context, &x, &norm).unwrap();
     let avx512 = qkv.panels.as_ref().is_some_and(|p| p.is_avx512());
-    match block(&x, &qkv, &output, heads) {
-        Some(y) => {
-            assert!(avx512, "fused without the AVX-512 kernel");
-            assert_eq!(y.dims(), expected.dims());
-            let d = max_abs_diff(&y, &expected);
-            assert!(d < 1e-5, "fused block against the layers: {d}");
-        }
-        None => assert!(!avx512, "the fused block applies here"),
-    }
+    let y = block(&x, &qkv, &output, heads);
+    assert_fused_matches("fused attention block", y, &expected, avx512);
     // Heads of 8 (no kernel), too few sequences, f64: the layers.
     assert!(block(&x, &qkv, &output, 4).is_none());
     let few = x.narrow(0, 0, 2 * threads - 1).unwrap();
