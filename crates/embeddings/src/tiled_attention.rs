@@ -2,6 +2,11 @@
 //! `context = softmax(scale * q k^T + bias) v`, with each tile's scores kept in L1 from the
 //! product that makes them, through the softmax, to the product that uses them.
 //!
+//! The softmax runs in base 2: the score product's last step turns each score into
+//! `t = (scale q.k + bias) log2 e` and keeps each query's maximum, so the exponentials are
+//! `e^(s - max) = 2^(t - max_t)` ([`exp2_nonpositive`]: 8 vector operations where `exp` takes
+//! 14) and no pass over the row looks for its maximum.
+//!
 //! Why: the general path computes a head's whole `seq x seq` score block with the `gemm`
 //! crate (1 MiB at 512 tokens, which spills out of L2), exponentiates it row by row, then
 //! multiplies it by `v`, repacking `k` and `v` inside each of the two products. Here `k` is
@@ -13,6 +18,7 @@
 use std::arch::x86_64::*;
 
 use crate::panel_gemm::for_tile_rows;
+use crate::vector_math::exp2_nonpositive;
 
 /// Queries per tile: their accumulators for up to 64 keys (or a 64-wide head) fill 24 of the
 /// 32 vector registers. Six, the panel product's tile, whose dispatch over 1..=6 rows
@@ -72,16 +78,21 @@ pub(crate) struct HeadScratch {
     keys_t: Vec<f32>,
     /// `v` rows packed contiguously: `[keys][head_dim]`.
     values: Vec<f32>,
-    /// One tile's scores, then probabilities (unnormalised): `[TILE_QUERIES][padded keys]`.
+    /// One tile's scores (base 2, see the module), then probabilities (unnormalised):
+    /// `[TILE_QUERIES][padded keys]`.
     scores: Vec<f32>,
+    /// The bias times `log2 e`, the padded keys' the most negative f32: `[padded keys]`.
+    bias_log2: Vec<f32>,
 }
 
-/// Whether [`attention_head`] runs here for heads of `head_dim`: AVX-512F and FMA, and a head
-/// size of 16, 32, 48 or 64 (one to four registers; BERT's are 32 and 64).
+/// Whether [`attention_head`] runs here for heads of `head_dim`: AVX-512F, AVX-512DQ (for
+/// [`exp2_nonpositive`]) and FMA, and a head size of 16, 32, 48 or 64 (one to four registers;
+/// BERT's are 32 and 64).
 pub(crate) fn supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(LANES)
         && (1..=4).contains(&(head_dim / LANES))
         && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
         && std::arch::is_x86_feature_detected!("fma")
 }
 
@@ -118,7 +129,18 @@ pub(crate) unsafe fn attention_head(
         keys_t,
         values,
         scores,
+        bias_log2,
     } = scratch;
+    // An infinite bias (as `-inf` masks have) would make `t - max_t` NaN in a row with
+    // nothing else: the most negative finite value instead, as transformers' masks use.
+    let finite = |b: f32| if b == f32::NEG_INFINITY { f32::MIN } else { b };
+    bias_log2.clear();
+    bias_log2.extend((0..padded).map(|j| match bias {
+        _ if j >= seq => f32::MIN,
+        Some(bias) => finite(bias[j] * std::f32::consts::LOG2_E),
+        None => 0.0,
+    }));
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
     keys_t.resize(d * padded, 0.0);
     values.resize(seq * d, 0.0);
     scores.resize(TILE_QUERIES * padded, 0.0);
@@ -131,14 +153,20 @@ pub(crate) unsafe fn attention_head(
     for i in 0..d {
         keys_t[i * padded + seq..(i + 1) * padded].fill(0.0);
     }
-    let mut sums = [0f32; TILE_QUERIES];
+    let (mut sums, mut maxes) = ([0f32; TILE_QUERIES], [0f32; TILE_QUERIES]);
     for first in (0..seq).step_by(TILE_QUERIES) {
         let rows = TILE_QUERIES.min(seq - first);
         let q = q.add(first * ld);
-        for_tile_rows!(rows, scores_tile(q, ld, keys_t, padded, d, scores));
+        let tile = ScoreTile {
+            keys_t,
+            padded,
+            d,
+            scale_log2,
+            bias_log2,
+        };
+        for_tile_rows!(rows, scores_tile(q, ld, &tile, scores, &mut maxes));
         for (r, sum) in sums.iter_mut().enumerate().take(rows) {
-            let row = &mut scores[r * padded..r * padded + seq];
-            *sum = crate::vector_math::scaled_exp_row(row, scale, bias);
+            *sum = exp2_row(&mut scores[r * padded..r * padded + seq], maxes[r]);
         }
         let out = out.add(first * out_stride);
         for_tile_rows!(
@@ -148,46 +176,66 @@ pub(crate) unsafe fn attention_head(
     }
 }
 
-/// `scores[r, j] = q_r . k_j` for the tile's `R` queries and every (padded) key, 64 keys at
-/// a time (fewer at the end) with `R x 4` accumulators over the head's `d` dimensions.
+/// What a tile's scores are made from, the same for every tile of a head.
+struct ScoreTile<'a> {
+    /// `k^T`, `d x padded`.
+    keys_t: &'a [f32],
+    padded: usize,
+    d: usize,
+    /// `scale log2 e`.
+    scale_log2: f32,
+    /// `bias log2 e`, `padded` long (see [`HeadScratch`]).
+    bias_log2: &'a [f32],
+}
+
+/// `scores[r, j] = t = (scale q_r . k_j + bias_j) log2 e` for the tile's `R` queries and every
+/// (padded) key, 64 keys at a time (fewer at the end) with `R x 4` accumulators over the
+/// head's `d` dimensions; `maxes[r]` the largest `t` of query `r` (the padded keys' are the
+/// most negative f32).
 ///
 /// # Safety
-/// As [`attention_head`]: `q` covers `R` rows, `keys_t` is `d x padded`, `scores` holds
-/// `R x padded`.
+/// As [`attention_head`]: `q` covers `R` rows, `keys_t` is `d x padded`, `bias_log2` and
+/// `scores` hold `padded` and `R x padded`.
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn scores_tile<const R: usize>(
     q: *const f32,
     ld: usize,
-    keys_t: &[f32],
-    padded: usize,
-    d: usize,
+    tile: &ScoreTile,
     scores: &mut [f32],
+    maxes: &mut [f32; TILE_QUERIES],
 ) {
+    let mut max = [_mm512_set1_ps(f32::MIN); R];
     let mut first = 0;
-    while first < padded {
-        match (padded - first) / LANES {
-            1 => scores_block::<R, 1>(q, ld, keys_t, padded, d, first, scores),
-            2 => scores_block::<R, 2>(q, ld, keys_t, padded, d, first, scores),
-            3 => scores_block::<R, 3>(q, ld, keys_t, padded, d, first, scores),
-            _ => scores_block::<R, 4>(q, ld, keys_t, padded, d, first, scores),
+    while first < tile.padded {
+        match (tile.padded - first) / LANES {
+            1 => scores_block::<R, 1>(q, ld, tile, first, scores, &mut max),
+            2 => scores_block::<R, 2>(q, ld, tile, first, scores, &mut max),
+            3 => scores_block::<R, 3>(q, ld, tile, first, scores, &mut max),
+            _ => scores_block::<R, 4>(q, ld, tile, first, scores, &mut max),
         }
         first += 4 * LANES;
     }
+    for (out, max) in maxes.iter_mut().zip(max) {
+        *out = _mm512_reduce_max_ps(max);
+    }
 }
 
-/// [`scores_tile`] for keys `first..first + 16 V`.
+/// [`scores_tile`] for keys `first..first + 16 V`, folding their `t` into `max`.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn scores_block<const R: usize, const V: usize>(
     q: *const f32,
     ld: usize,
-    keys_t: &[f32],
-    padded: usize,
-    d: usize,
+    tile: &ScoreTile,
     first: usize,
     scores: &mut [f32],
+    max: &mut [__m512; R],
 ) {
+    let ScoreTile {
+        keys_t, padded, d, ..
+    } = *tile;
     debug_assert!(keys_t.len() >= d * padded && first + V * LANES <= padded);
+    debug_assert!(tile.bias_log2.len() >= padded && scores.len() >= R * padded);
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     let keys = keys_t.as_ptr().add(first);
     for i in 0..d {
@@ -203,12 +251,52 @@ unsafe fn scores_block<const R: usize, const V: usize>(
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        let at = scores.as_mut_ptr().add(r * padded + first);
-        for (x, &sum) in acc.iter().enumerate() {
-            _mm512_storeu_ps(at.add(x * LANES), sum);
+    let scale = _mm512_set1_ps(tile.scale_log2);
+    for x in 0..V {
+        let bias = _mm512_loadu_ps(tile.bias_log2.as_ptr().add(first + x * LANES));
+        for (r, (acc, max)) in acc.iter().zip(max.iter_mut()).enumerate() {
+            let t = _mm512_fmadd_ps(acc[x], scale, bias);
+            // A NaN score need not survive here: it makes its own exponential NaN, and so
+            // the row's sum and every output of the row.
+            *max = _mm512_max_ps(*max, t);
+            _mm512_storeu_ps(scores.as_mut_ptr().add(r * padded + first + x * LANES), t);
         }
     }
+}
+
+/// `row[j] = 2^(row[j] - max)` (`max` the row's largest, so every power is at most 1), and
+/// their sum.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX-512DQ.
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn exp2_row(row: &mut [f32], max: f32) -> f32 {
+    let (len, p) = (row.len(), row.as_mut_ptr());
+    let max = _mm512_set1_ps(max);
+    let (mut sum0, mut sum1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut at = 0;
+    // Two sums, so that each add waits on the one before it only every other vector.
+    while at + 2 * LANES <= len {
+        let e0 = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p.add(at)), max));
+        let e1 = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p.add(at + LANES)), max));
+        _mm512_storeu_ps(p.add(at), e0);
+        _mm512_storeu_ps(p.add(at + LANES), e1);
+        sum0 = _mm512_add_ps(sum0, e0);
+        sum1 = _mm512_add_ps(sum1, e1);
+        at += 2 * LANES;
+    }
+    while at < len {
+        let m = if len - at >= LANES {
+            0xffff
+        } else {
+            ((1u32 << (len - at)) - 1) as __mmask16
+        };
+        let e = exp2_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(at)), max));
+        _mm512_mask_storeu_ps(p.add(at), m, e);
+        sum0 = _mm512_mask_add_ps(sum0, m, sum0, e);
+        at += LANES;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1))
 }
 
 /// `out_r = (sum_j p[r, j] v_j) / sums[r]` for the tile's `R` queries, `R x d/16`
@@ -344,7 +432,22 @@ mod tests {
                     }
                 })
                 .collect();
-            for bias in [None, Some(&masked[..])] {
+            // transformers' mask value on a third of the keys, and on every key (each query's
+            // attention then spreads evenly, as transformers' does); -inf on every key as
+            // the latter.
+            let min_masked: Vec<f32> = masked
+                .iter()
+                .map(|&b| if b < 0.0 { f32::MIN } else { 0.0 })
+                .collect();
+            let all_min = vec![f32::MIN; seq];
+            let all_neg_inf = vec![f32::NEG_INFINITY; seq];
+            for (bias, as_bias) in [
+                (None, None),
+                (Some(&masked[..]), Some(&masked[..])),
+                (Some(&min_masked[..]), Some(&min_masked[..])),
+                (Some(&all_min[..]), Some(&all_min[..])),
+                (Some(&all_neg_inf[..]), Some(&all_min[..])),
+            ] {
                 let scale = 1.0 / (d as f32).sqrt();
                 let out_stride = d + 3;
                 let mut out = vec![f32::NAN; seq * out_stride];
@@ -365,14 +468,14 @@ mod tests {
                         &mut scratch,
                     );
                 }
-                let expected = reference(&q, &k, &v, ld, seq, d, scale as f64, bias);
+                let expected = reference(&q, &k, &v, ld, seq, d, scale as f64, as_bias);
                 for r in 0..seq {
                     for i in 0..d {
                         let (got, want) = (out[r * out_stride + i] as f64, expected[r * d + i]);
                         assert!(
                             (got - want).abs() < 1e-5,
-                            "seq {seq} d {d} masked {} row {r} dim {i}: {got} vs {want}",
-                            bias.is_some()
+                            "seq {seq} d {d} last key's bias {:?} row {r} dim {i}: {got} vs {want}",
+                            bias.map(|b| b[seq - 1])
                         );
                     }
                     // Past the head's columns nothing is written.
