@@ -100,7 +100,7 @@ impl LayerNormOp {
 }
 
 /// One row of [`LayerNormOp`]'s forward in portable code, compiled for AVX2 / AVX-512 where
-/// present (`vector_math::layer_norm_row` covers f32 on AVX-512).
+/// present (`vector_math::layer_norm_row` covers f32 on AVX-512, its normalisation in f32).
 #[inline]
 fn normalize_row<T: WithDType>(row: &[T], w: &[T], b: &[T], eps: f64, out: &mut [T]) {
     with_simd(
@@ -115,7 +115,7 @@ fn normalize_row<T: WithDType>(row: &[T], w: &[T], b: &[T], eps: f64, out: &mut 
     )
 }
 
-/// One f32 row of [`LayerNormOp`]'s forward (the same values): the AVX-512 row where
+/// One f32 row of [`LayerNormOp`]'s forward (within a few f32 roundings): the AVX-512 row where
 /// present, else the portable one.
 pub(super) fn layer_norm_row_f32(row: &[f32], w: &[f32], b: &[f32], eps: f64, out: &mut [f32]) {
     if crate::vector_math::layer_norm_row(row, w, b, eps, out).is_none() {
