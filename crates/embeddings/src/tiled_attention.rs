@@ -29,13 +29,14 @@ const _: () = assert!(TILE_QUERIES == 6, "for_tile_rows dispatches 1..=6 rows");
 /// Keys per vector register.
 const LANES: usize = 16;
 
-/// How many rows ahead [`pack`] asks for `k` and `v`: their rows lie a whole (QKV) row apart,
-/// a page or more for long rows, where the hardware prefetchers do not follow.
+/// How many rows ahead [`pack`] asks for `v`: its rows lie a whole (QKV) row apart, a page or
+/// more for long rows, where the hardware prefetchers do not follow.
 const PACK_AHEAD: usize = 8;
 
 /// `keys_t[i][j] = k[j][i]` and `values[j] = v[j]` for the `seq` keys of a head of `16 V`
-/// dimensions: each row read as `V` registers (written whole, with no loop that the compiler
-/// could turn into a `memcpy` call per row).
+/// dimensions: `k` transposed 16 keys x 16 dimensions at a time in registers
+/// ([`transpose_16x16`]; element by element it cost twice as much), `v` rows copied as `V`
+/// registers each (with no loop that the compiler could turn into a `memcpy` call per row).
 ///
 /// # Safety
 /// As [`attention_head`]; `keys_t` holds `16 V x padded`, `values` `seq x 16 V`.
@@ -51,24 +52,81 @@ unsafe fn pack<const V: usize>(
 ) {
     let d = V * LANES;
     debug_assert!(keys_t.len() >= d * padded && values.len() >= seq * d);
+    let whole = seq / LANES * LANES;
+    for first in (0..whole).step_by(LANES) {
+        // The next block's rows, each on its own line (or page).
+        for j in first + LANES..whole.min(first + 2 * LANES) {
+            for x in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(k.add(j * ld + x * LANES).cast());
+            }
+        }
+        for x in 0..V {
+            let mut rows = [_mm512_setzero_ps(); LANES];
+            for (j, row) in rows.iter_mut().enumerate() {
+                *row = _mm512_loadu_ps(k.add((first + j) * ld + x * LANES));
+            }
+            for (i, column) in transpose_16x16(rows).into_iter().enumerate() {
+                let at = (x * LANES + i) * padded + first;
+                _mm512_storeu_ps(keys_t.as_mut_ptr().add(at), column);
+            }
+        }
+    }
+    for j in whole..seq {
+        for i in 0..d {
+            *keys_t.get_unchecked_mut(i * padded + j) = *k.add(j * ld + i);
+        }
+    }
     for j in 0..seq {
         let ahead = (j + PACK_AHEAD).min(seq - 1) * ld;
         for x in 0..V {
-            _mm_prefetch::<_MM_HINT_T0>(k.add(ahead + x * LANES).cast());
             _mm_prefetch::<_MM_HINT_T0>(v.add(ahead + x * LANES).cast());
         }
-        let (k_row, v_row) = (k.add(j * ld), v.add(j * ld));
+        let v_row = v.add(j * ld);
         for x in 0..V {
             _mm512_storeu_ps(
                 values.as_mut_ptr().add(j * d + x * LANES),
                 _mm512_loadu_ps(v_row.add(x * LANES)),
             );
-            let lanes: [f32; LANES] = std::mem::transmute(_mm512_loadu_ps(k_row.add(x * LANES)));
-            for (i, &value) in lanes.iter().enumerate() {
-                *keys_t.get_unchecked_mut((x * LANES + i) * padded + j) = value;
-            }
         }
     }
+}
+
+/// The transpose of 16 rows of 16 floats: `out[i]` lane `j` is `rows[j]` lane `i`. Three
+/// rounds of interleaving (floats, pairs of floats, 128-bit lanes twice): 64 shuffles.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(rows: [__m512; LANES]) -> [__m512; LANES] {
+    // t[2k], t[2k + 1]: rows 2k and 2k + 1 interleaved; per 128-bit lane L, columns 4L, 4L + 1
+    // and 4L + 2, 4L + 3 of the two rows.
+    let mut t = [_mm512_setzero_ps(); LANES];
+    for k in 0..LANES / 2 {
+        t[2 * k] = _mm512_unpacklo_ps(rows[2 * k], rows[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(rows[2 * k], rows[2 * k + 1]);
+    }
+    // u[4g + c], lane L: column 4L + c of rows 4g..4g + 4.
+    let mut u = [_mm512_setzero_ps(); LANES];
+    let (pd, ps) = (_mm512_castps_pd, _mm512_castpd_ps);
+    for g in 0..LANES / 4 {
+        let (a, b, c, e) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+        u[4 * g] = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+        u[4 * g + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+        u[4 * g + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(e)));
+        u[4 * g + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(e)));
+    }
+    // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c]: first lanes 0-1
+    // and 2-3 of each pair, then every other lane of those.
+    let mut out = [_mm512_setzero_ps(); LANES];
+    for c in 0..4 {
+        let low01 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+        let low23 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+        let high01 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+        let high23 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_f32x4::<0x88>(low01, high01);
+        out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(low01, high01);
+        out[8 + c] = _mm512_shuffle_f32x4::<0x88>(low23, high23);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(low23, high23);
+    }
+    out
 }
 
 /// Per-thread buffers, kept across the (sequence, head) tasks a thread runs.
@@ -399,6 +457,27 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn transpose_16x16_transposes() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut out = [0f32; 256];
+        // SAFETY: AVX-512F is present (checked above); 16 rows of 16 floats each way.
+        unsafe {
+            let rows = std::array::from_fn(|j| _mm512_loadu_ps(m.as_ptr().add(16 * j)));
+            for (i, column) in transpose_16x16(rows).into_iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), column);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[16 * i + j], m[16 * j + i], "[{i}][{j}]");
+            }
+        }
     }
 
     #[test]
