@@ -49,16 +49,17 @@ impl AttentionBlockOp {
                 self.heads
             )
         }
-        let mut y = filled(batch * seq * hidden, 0f32);
-        let out = SharedMut(y.as_mut_ptr());
         let size = seq * hidden;
-        crate::team::parallel_for_init(batch, SequenceScratch::default, |scratch, b| {
-            // SAFETY: sequences are disjoint blocks of y, each written by one task.
-            let y = unsafe { std::slice::from_raw_parts_mut(out.get().add(b * size), size) };
-            let mask = self.mask.as_ref().map(|m| &m[b * seq..(b + 1) * seq]);
-            self.sequence(&x[b * size..(b + 1) * size], mask, y, scratch);
-        });
-        Ok(y)
+        Ok(written_by_tasks(
+            batch * size,
+            batch,
+            |b| b * size..(b + 1) * size,
+            SequenceScratch::default,
+            |scratch, b, y| {
+                let mask = self.mask.as_ref().map(|m| &m[b * seq..(b + 1) * seq]);
+                self.sequence(&x[b * size..(b + 1) * size], mask, y, scratch);
+            },
+        ))
     }
 
     /// One sequence `x` (`seq` rows) into `y`, on this thread.

@@ -97,24 +97,20 @@ impl FeedForwardOp {
             )
         }
         let rows = x.len() / hidden;
-        let mut y = filled(rows * hidden, 0f32);
-        let out = SharedMut(y.as_mut_ptr());
-        crate::team::parallel_for_init(
+        let block_rows = |block: usize| block * BLOCK_ROWS..rows.min((block + 1) * BLOCK_ROWS);
+        Ok(written_by_tasks(
+            rows * hidden,
             rows.div_ceil(BLOCK_ROWS),
-            BlockScratch::default,
-            |scratch, block| {
-                let (start, end) = (block * BLOCK_ROWS, rows.min((block + 1) * BLOCK_ROWS));
-                // SAFETY: blocks are disjoint row ranges of y, each written by one task.
-                let y = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        out.get().add(start * hidden),
-                        (end - start) * hidden,
-                    )
-                };
-                self.block(&x[start * hidden..end * hidden], y, scratch);
+            |block| {
+                let rows = block_rows(block);
+                rows.start * hidden..rows.end * hidden
             },
-        );
-        Ok(y)
+            BlockScratch::default,
+            |scratch, block, y| {
+                let rows = block_rows(block);
+                self.block(&x[rows.start * hidden..rows.end * hidden], y, scratch);
+            },
+        ))
     }
 
     /// The block of rows `x` (whole rows) into `y`, on this thread.

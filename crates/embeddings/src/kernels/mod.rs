@@ -226,6 +226,50 @@ fn filled<T: Copy>(n: usize, value: T) -> Vec<T> {
     out
 }
 
+/// A `len`-float output written by `tasks` parallel tasks over consecutive ranges that cover it
+/// (`ranges(i)` for task `i`, in order: checked), each range zeroed on its own task's thread
+/// just before `fill` gets it. Zero-filling the whole output on the calling thread first
+/// ([`filled`]) left the other threads waiting: 12 x 6 MB per MiniLM pass at 32 x 128, 1%.
+fn written_by_tasks<S>(
+    len: usize,
+    tasks: usize,
+    ranges: impl Fn(usize) -> std::ops::Range<usize> + Sync + Send,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut end = 0;
+    for i in 0..tasks {
+        let range = ranges(i);
+        assert!(
+            range.start == end && range.end >= end,
+            "written_by_tasks: task {i}'s range {range:?} does not follow {end}"
+        );
+        end = range.end;
+    }
+    assert_eq!(
+        end, len,
+        "written_by_tasks: the ranges end at {end}, not {len}"
+    );
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let base = SharedMut(out.as_mut_ptr());
+    crate::team::parallel_for_init(tasks, init, |state, i| {
+        let range = ranges(i);
+        // SAFETY: the ranges are disjoint and within the capacity (checked above), so this
+        // task alone touches these floats; they are initialised (zeroed) before the slice
+        // over them is made.
+        let region = unsafe {
+            let start = base.get().add(range.start);
+            std::ptr::write_bytes(start, 0, range.len());
+            std::slice::from_raw_parts_mut(start, range.len())
+        };
+        fill(state, i, region);
+    });
+    // SAFETY: the ranges cover 0..len (checked above) and every task has run (a panic would
+    // have unwound past this), so every float is initialised.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Runs `f` in a function compiled for AVX-512 or AVX2 + FMA when the CPU has them (checked
 /// at run time, once per process by std's cache): `f` is inlined there, so its loops
 /// vectorise at that width. The build targets baseline x86-64 (SSE2), where the compiler keeps

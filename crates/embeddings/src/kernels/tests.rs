@@ -124,3 +124,50 @@ fn row_sums_are_the_same_bits_on_any_thread_count() {
         }
     }
 }
+
+/// Each task gets its own range, zeroed, and what it writes is the output.
+#[test]
+fn written_by_tasks_gives_each_task_its_range_zeroed() {
+    let ends = [0usize, 3, 3, 10, 11, 40];
+    let out = written_by_tasks(
+        40,
+        ends.len() - 1,
+        |i| ends[i]..ends[i + 1],
+        || (),
+        |(), i, region| {
+            assert_eq!(region.len(), ends[i + 1] - ends[i]);
+            assert!(
+                region.iter().all(|&v| v == 0.0),
+                "task {i} got unzeroed floats"
+            );
+            region.fill(i as f32 + 1.0);
+        },
+    );
+    let expected: Vec<f32> = (0..40)
+        .map(|j| (ends.iter().rposition(|&e| e <= j).unwrap() + 1) as f32)
+        .collect();
+    assert_eq!(out, expected);
+}
+
+/// Ranges that leave a gap (floats no task would write), overlap, or stop short are refused
+/// before any task runs.
+#[test]
+fn written_by_tasks_refuses_ranges_that_do_not_tile_the_output() {
+    for ranges in [[0..4, 5..10], [0..6, 5..10], [0..4, 4..9], [1..5, 5..10]] {
+        let result = std::panic::catch_unwind(|| {
+            written_by_tasks(
+                10,
+                2,
+                |i| ranges[i].clone(),
+                || (),
+                |(), _, _| panic!("a task ran"),
+            )
+        });
+        let message = result.expect_err("ranges that do not tile the output");
+        let text = message
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        assert!(text.contains("written_by_tasks"), "{ranges:?}: {text}");
+    }
+}
