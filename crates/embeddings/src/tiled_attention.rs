@@ -4,8 +4,8 @@
 //!
 //! The softmax runs in base 2: the score product's last step turns each score into
 //! `t = (scale q.k + bias) log2 e` and keeps each query's maximum, so the exponentials are
-//! `e^(s - max) = 2^(t - max_t)` ([`exp2_nonpositive`]: 8 vector operations where `exp` takes
-//! 14) and no pass over the row looks for its maximum.
+//! `e^(s - max) = 2^(t - max_t)` ([`exp2_nonpositive`]: 8 vector operations where the `e^x` it
+//! replaces took 14) and no pass over the row looks for its maximum.
 //!
 //! Why: the general path computes a head's whole `seq x seq` score block with the `gemm`
 //! crate (1 MiB at 512 tokens, which spills out of L2), exponentiates it row by row, then

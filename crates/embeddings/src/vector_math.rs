@@ -88,11 +88,12 @@ pub(crate) fn scale_row(row: &mut [f32], factor: f32) {
     row.iter_mut().for_each(|v| *v *= factor);
 }
 
-/// LayerNorm of one f32 row, written to `out`: the mean and variance in f64 (as the portable
-/// `LayerNormOp`), `(x - mean) * rstd * w + b` in f32 with the mean in two parts, so that the
-/// centring is exact to a rounding of the centred value whatever the row's offset (within a
-/// few roundings of the portable f64 result; tested). `None` where AVX-512 is missing, for
-/// the caller's portable loop. All four slices have the same length.
+/// LayerNorm of one f32 row, written to `out`: the mean and variance in f64 (in one shifted
+/// pass; the portable `LayerNormOp` takes two), `(x - mean) * rstd * w + b` in f32 with the
+/// mean in two parts, so that the centring is exact to a rounding of the centred value
+/// whatever the row's offset (within a few roundings of the portable f64 result; tested).
+/// `None` where AVX-512 is missing, for the caller's portable loop. All four slices have the
+/// same length.
 pub(crate) fn layer_norm_row(
     row: &[f32],
     weight: &[f32],
