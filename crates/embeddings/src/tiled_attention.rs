@@ -18,7 +18,7 @@
 use std::arch::x86_64::*;
 
 use crate::panel_gemm::for_tile_rows;
-use crate::vector_math::exp2_nonpositive;
+use crate::vector_math::{exp2_nonpositive, store_and_sum};
 
 /// Queries per tile: their accumulators for up to 64 keys (or a 64-wide head) fill 24 of the
 /// 32 vector registers. Six, the panel product's tile, whose dispatch over 1..=6 rows
@@ -331,30 +331,9 @@ unsafe fn scores_block<const R: usize, const V: usize>(
 unsafe fn exp2_row(row: &mut [f32], max: f32) -> f32 {
     let (len, p) = (row.len(), row.as_mut_ptr());
     let max = _mm512_set1_ps(max);
-    let (mut sum0, mut sum1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut at = 0;
-    // Two sums, so that each add waits on the one before it only every other vector.
-    while at + 2 * LANES <= len {
-        let e0 = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p.add(at)), max));
-        let e1 = exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p.add(at + LANES)), max));
-        _mm512_storeu_ps(p.add(at), e0);
-        _mm512_storeu_ps(p.add(at + LANES), e1);
-        sum0 = _mm512_add_ps(sum0, e0);
-        sum1 = _mm512_add_ps(sum1, e1);
-        at += 2 * LANES;
-    }
-    while at < len {
-        let m = if len - at >= LANES {
-            0xffff
-        } else {
-            ((1u32 << (len - at)) - 1) as __mmask16
-        };
-        let e = exp2_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(at)), max));
-        _mm512_mask_storeu_ps(p.add(at), m, e);
-        sum0 = _mm512_mask_add_ps(sum0, m, sum0, e);
-        at += LANES;
-    }
-    _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1))
+    store_and_sum(p, len, |at, lanes| {
+        exp2_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p.add(at)), max))
+    })
 }
 
 /// `out_r = (sum_j p[r, j] v_j) / sums[r]` for the tile's `R` queries, `R x d/16`

@@ -132,7 +132,7 @@ pub(crate) fn gelu_in_place(values: &mut [f32]) -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::exp2_nonpositive;
+pub(crate) use avx512::{exp2_nonpositive, store_and_sum};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -288,8 +288,26 @@ mod avx512 {
                 exp_nonpositive(_mm512_sub_ps(shifted(at, m, zero), max))
             }
         };
-        let (mut sum0, mut sum1) = (zero, zero);
-        at = 0;
+        store_and_sum(p, len, exponent)
+    }
+
+    /// `p[at..at + 16] = exponent(at, lanes)` over `len` floats (the tail's missing lanes
+    /// masked out, `exponent` may read `p`'s lanes at `at` before they are written), and the
+    /// sum of what was stored: the last pass of both softmax rows, this module's and the tiled
+    /// attention's. Two sums, so that each add waits on the one before it only every other
+    /// vector.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `p` is valid for reads and writes of `len` floats.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn store_and_sum(
+        p: *mut f32,
+        len: usize,
+        exponent: impl Fn(usize, __mmask16) -> __m512,
+    ) -> f32 {
+        let (mut sum0, mut sum1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut at = 0;
         while at + 2 * LANES <= len {
             let (e0, e1) = (exponent(at, 0xffff), exponent(at + LANES, 0xffff));
             _mm512_storeu_ps(p.add(at), e0);
