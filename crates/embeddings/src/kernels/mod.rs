@@ -233,13 +233,14 @@ fn filled<T: Copy>(n: usize, value: T) -> Vec<T> {
 fn written_by_tasks<S>(
     len: usize,
     tasks: usize,
-    ranges: impl Fn(usize) -> std::ops::Range<usize> + Sync + Send,
+    ranges: impl Fn(usize) -> std::ops::Range<usize>,
     init: impl Fn() -> S + Sync + Send,
     fill: impl Fn(&mut S, usize, &mut [f32]) + Sync + Send,
 ) -> Vec<f32> {
+    // Taken once, so that what is checked is what the tasks get.
+    let ranges: Vec<std::ops::Range<usize>> = (0..tasks).map(ranges).collect();
     let mut end = 0;
-    for i in 0..tasks {
-        let range = ranges(i);
+    for (i, range) in ranges.iter().enumerate() {
         assert!(
             range.start == end && range.end >= end,
             "written_by_tasks: task {i}'s range {range:?} does not follow {end}"
@@ -253,7 +254,7 @@ fn written_by_tasks<S>(
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let base = SharedMut(out.as_mut_ptr());
     crate::team::parallel_for_init(tasks, init, |state, i| {
-        let range = ranges(i);
+        let range = ranges[i].clone();
         // SAFETY: the ranges are disjoint and within the capacity (checked above), so this
         // task alone touches these floats; they are initialised (zeroed) before the slice
         // over them is made.
