@@ -147,10 +147,11 @@ pub fn fused_attention_packed(
 }
 
 /// BERT's attention block for inference, `norm(output(attention(qkv(x))) + x)` for `x` of
-/// `[batch, seq, hidden]`, in one CPU kernel where it applies: f32 on the CPU with AVX-512, a fused QKV projection and an
-/// output layer that both have a bias, no adapter and AVX-512 panels, a head size of 16 to 64,
-/// nothing tracking a gradient, a padding `bias` of one `[batch, 1, 1, seq]` row per sequence
-/// (or none), and at least two sequences per thread and 192 tokens. Each thread takes whole
+/// `[batch, seq, hidden]`, in one CPU kernel where it applies: f32 on the CPU with AVX-512, a
+/// fused QKV projection and an output layer that both have a bias, no adapter and AVX-512
+/// panels, a head size of 16 to 64, nothing tracking a gradient, a padding `bias` of one
+/// `[batch, 1, 1, seq]` row per sequence (or none), and at least two sequences per thread and
+/// 192 tokens. Each thread takes whole
 /// sequences through the projection, every head's attention, the output projection, the
 /// residual and the norm, so a sequence's query, key, value and context rows stay in its
 /// caches between them and the threads meet once per block instead of four times. `None`
