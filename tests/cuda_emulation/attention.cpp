@@ -43,24 +43,27 @@ void context_tile(const T* p, const T* v, float* o) {
 }  // namespace bert_flash
 
 template <int D>
-static void launch(const float* qkv, const float* bias, float* out, int batch, int seq, int heads,
-                   float scale) {
+static void launch(const float* qkv, const float* bias, const int* starts, float* out, int batch,
+                   int seq, int heads, float scale) {
   using namespace bert_flash;
   const int query_blocks = (seq + BLOCK_QUERIES - 1) / BLOCK_QUERIES;
   emulation::launch({query_blocks, heads, batch}, THREADS,
-                    [=] { attention<float, D>(qkv, bias, out, seq, heads, scale); });
+                    [=] { attention<float, D>(qkv, bias, starts, out, seq, heads, scale); });
 }
 
-// qkv: [batch, seq, 3 * heads * head_dim]; bias: [batch, seq] or null; out: [batch, seq,
-// heads * head_dim]. Returns 0, or 1 for a head_dim the kernel is not built for.
-extern "C" int emulated_flash_attention(const float* qkv, const float* bias, float* out, int batch,
-                                        int seq, int heads, int head_dim, float scale) {
+// Padded (starts null): qkv [batch, seq, 3 * heads * head_dim], bias [batch, seq] or null, out
+// [batch, seq, heads * head_dim]. Packed (starts given, batch + 1 of them): qkv holds
+// starts[batch] rows, sequence z rows starts[z] .. starts[z + 1], seq the longest, bias null.
+// Returns 0, or 1 for a head_dim the kernel is not built for.
+extern "C" int emulated_flash_attention(const float* qkv, const float* bias, const int* starts,
+                                        float* out, int batch, int seq, int heads, int head_dim,
+                                        float scale) {
   switch (head_dim) {
     case 32:
-      launch<32>(qkv, bias, out, batch, seq, heads, scale);
+      launch<32>(qkv, bias, starts, out, batch, seq, heads, scale);
       return 0;
     case 64:
-      launch<64>(qkv, bias, out, batch, seq, heads, scale);
+      launch<64>(qkv, bias, starts, out, batch, seq, heads, scale);
       return 0;
     default:
       return 1;

@@ -130,9 +130,11 @@ pub mod cuda_emulation {
             eps: f32,
             per_lane: i32,
         ) -> i32;
+        #[allow(clippy::too_many_arguments)]
         fn emulated_flash_attention(
             qkv: *const f32,
             bias: *const f32,
+            starts: *const i32,
             out: *mut f32,
             batch: i32,
             seq: i32,
@@ -167,9 +169,49 @@ pub mod cuda_emulation {
             emulated_flash_attention(
                 qkv.as_ptr(),
                 bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+                std::ptr::null(),
                 out.as_mut_ptr(),
                 to_i32(batch),
                 to_i32(seq),
+                to_i32(heads),
+                to_i32(head_dim),
+                scale,
+            )
+        };
+        (status == 0).then_some(out)
+    }
+
+    /// The kernel's context over packed, padding-free rows: `qkv` holds `lengths.iter().sum()`
+    /// token rows of `3 * heads * head_dim` (sequence after sequence, no padding), as does the
+    /// returned context of `heads * head_dim`; `None` for a head size the kernel is not built
+    /// for.
+    pub fn flash_attention_packed(
+        qkv: &[f32],
+        lengths: &[usize],
+        heads: usize,
+        head_dim: usize,
+    ) -> Option<Vec<f32>> {
+        let hidden = heads * head_dim;
+        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
+        let mut starts = vec![0i32];
+        for &length in lengths {
+            starts.push(starts[starts.len() - 1] + to_i32(length));
+        }
+        let rows: usize = lengths.iter().sum();
+        assert_eq!(qkv.len(), rows * 3 * hidden, "qkv size");
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let mut out = vec![f32::NAN; rows * hidden];
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        // SAFETY: qkv holds the rows `starts` spans, out as many of `hidden`; `starts` holds
+        // `lengths.len() + 1` offsets; no bias.
+        let status = unsafe {
+            emulated_flash_attention(
+                qkv.as_ptr(),
+                std::ptr::null(),
+                starts.as_ptr(),
+                out.as_mut_ptr(),
+                to_i32(lengths.len()),
+                to_i32(longest),
                 to_i32(heads),
                 to_i32(head_dim),
                 scale,

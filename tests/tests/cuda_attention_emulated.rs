@@ -1,11 +1,12 @@
 //! The GPU attention kernel's logic, checked without a GPU: its CUDA source, built under the
 //! CPU emulation of `tests/cuda_emulation/` (f32 elements, plain loops for the tensor-core
 //! tile products), against the plain path written with candle's ops in f64. Covers one and
-//! several key tiles, partial query and key tiles, both head sizes, padded keys and no bias.
+//! several key tiles, partial query and key tiles, both head sizes, padded keys and no bias,
+//! and the packed (padding-free) layout of sequences of mixed lengths.
 
 use bert::bert_embeddings::nn::SplitMix64;
 use bert::{Device, Tensor};
-use bert_tests::cuda_emulation::flash_attention;
+use bert_tests::cuda_emulation::{flash_attention, flash_attention_packed};
 use bert_tests::max_abs_diff;
 
 /// softmax(q k^T / sqrt(d) + bias) v per head, in f64, from the packed `[batch, seq, 3 * hidden]`,
@@ -82,6 +83,46 @@ fn the_kernel_source_matches_the_plain_path() {
         let ours = Tensor::from_vec(ours, (batch, seq, heads * head_dim), &Device::Cpu).unwrap();
         let worst = max_abs_diff(&ours, &plain_attention(&qkv, bias.as_deref(), shape));
         assert!(worst <= 2e-5, "{shape:?} {lengths:?}: max |diff| {worst:e}");
+    }
+}
+
+/// Packed rows: every sequence, wherever it starts, gets the context it gets alone (the plain
+/// path over its own rows, no bias); blocks past a short sequence's end write nothing of
+/// another's (the output starts as NaN, so an unwritten row fails too).
+#[test]
+fn packed_sequences_match_each_sequence_alone() {
+    let mut rng = SplitMix64(11);
+    // Lengths around the 64-query block and 32-key tile edges, a 1-token sequence, one of
+    // three query blocks among short ones.
+    let cases: [(&[usize], usize, usize); 3] = [
+        (&[17, 1, 64, 65, 3], 2, 32),
+        (&[130, 5, 33], 2, 64),
+        (&[1], 1, 32),
+    ];
+    for (lengths, heads, head_dim) in cases {
+        let hidden = heads * head_dim;
+        let rows: usize = lengths.iter().sum();
+        let qkv: Vec<f32> = (0..rows * 3 * hidden)
+            .map(|_| (2.0 * rng.next_normal()) as f32)
+            .collect();
+        let ours = flash_attention_packed(&qkv, lengths, heads, head_dim).expect("head size built");
+        let mut start = 0;
+        for &length in lengths {
+            let own = &qkv[start * 3 * hidden..(start + length) * 3 * hidden];
+            let expected = plain_attention(own, None, (1, length, heads, head_dim));
+            let got = Tensor::from_slice(
+                &ours[start * hidden..(start + length) * hidden],
+                (1, length, hidden),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let worst = max_abs_diff(&got, &expected);
+            assert!(
+                worst <= 2e-5,
+                "{lengths:?}, the one at row {start}: max |diff| {worst:e}"
+            );
+            start += length;
+        }
     }
 }
 

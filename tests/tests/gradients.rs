@@ -26,32 +26,42 @@ fn every_gradient_matches_pytorch() {
     let inputs = BertInputs::new(&batch["input_ids"])
         .with_attention_mask(&batch["attention_mask"])
         .with_token_type_ids(&batch["token_type_ids"]);
-    let logits = trainable
-        .model
-        .forward(&inputs, &ForwardOptions::inference())
-        .unwrap()
-        .logits;
-    let loss = Loss::for_config(&config)
-        .compute(&logits, &reference["labels"])
-        .unwrap();
-    let expected_loss = reference["loss"].to_vec1::<f32>().unwrap()[0];
-    assert!((loss.to_scalar::<f32>().unwrap() - expected_loss).abs() < 1e-6);
-
-    let grads = loss.backward().unwrap();
-    let mut checked = 0;
-    for param in &trainable.params {
-        let expected = &reference[&format!("grad.{}", param.name)];
-        let ours = grads
-            .get(param.var.as_ref().unwrap().as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {}", param.name));
-        assert_gradient_close(&param.name, ours, expected);
-        checked += 1;
-    }
-    let expected_count = reference.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(
-        checked, expected_count,
-        "every PyTorch parameter has a counterpart"
+    let seq = batch["attention_mask"].dim(1).unwrap();
+    assert!(
+        bert_tests::lengths(&batch["attention_mask"])
+            .iter()
+            .any(|&l| l < seq),
+        "the batch has padding, so skipping it changes the path"
     );
+    // Padded, then padding-free: gradients flow through the packing, the per-sequence
+    // attention and the unpacking alike.
+    for options in [
+        ForwardOptions::inference(),
+        ForwardOptions::inference().with_skip_padding(),
+    ] {
+        let logits = trainable.model.forward(&inputs, &options).unwrap().logits;
+        let loss = Loss::for_config(&config)
+            .compute(&logits, &reference["labels"])
+            .unwrap();
+        let expected_loss = reference["loss"].to_vec1::<f32>().unwrap()[0];
+        assert!((loss.to_scalar::<f32>().unwrap() - expected_loss).abs() < 1e-6);
+
+        let grads = loss.backward().unwrap();
+        let mut checked = 0;
+        for param in &trainable.params {
+            let expected = &reference[&format!("grad.{}", param.name)];
+            let ours = grads
+                .get(param.var.as_ref().unwrap().as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {} ({options:?})", param.name));
+            assert_gradient_close(&format!("{} ({options:?})", param.name), ours, expected);
+            checked += 1;
+        }
+        let expected_count = reference.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(
+            checked, expected_count,
+            "every PyTorch parameter has a counterpart"
+        );
+    }
 }
 
 /// With the encoder frozen, only the pooler and classifier are variables: a training step moves

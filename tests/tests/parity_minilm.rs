@@ -14,8 +14,8 @@ use bert::{
     ModelFiles, Tensor,
 };
 use bert_tests::{
-    assert_close, assert_half_close, lengths, minilm_classifier_files, minilm_files, outputs,
-    real_tokens, row,
+    assert_close, assert_half_close, lengths, max_abs_diff, minilm_classifier_files, minilm_files,
+    outputs, real_tokens, row,
 };
 
 const TOLERANCE: f64 = 5e-5;
@@ -238,6 +238,92 @@ fn minilm_in_f64_matches_transformers_in_f64_everywhere() {
         "single last_hidden_state f64",
         &hidden,
         &expected["single.last_hidden_state_f64"],
+        1e-9,
+    );
+}
+
+/// Padding-free batches (`ForwardOptions::skip_padding`): each batch's real tokens run packed,
+/// and their states and the pooled outputs are still transformers'. Covers the f32 tiled
+/// attention over packed rows (the fixtures' batches), the fused attention block over packed
+/// sequences (the single texts eight times over: 40 sequences), f64 (the plain kernel loops)
+/// and half precision; the padded positions are zeros.
+#[test]
+fn minilm_padding_free_matches_transformers() {
+    let files = minilm_files();
+    let expected = outputs("minilm");
+    let packed_options = ForwardOptions::inference().with_skip_padding();
+    let model = load::<BertModel>(&files, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    for (prefix, copies) in [("single", 1), ("pair", 1), ("single", 8)] {
+        let repeat = |t: &Tensor| Tensor::cat(&vec![t; copies], 0).unwrap();
+        let fixture = Batch::from_fixture(prefix);
+        let batch = Batch {
+            ids: repeat(&fixture.ids),
+            mask: repeat(&fixture.mask),
+            types: repeat(&fixture.types),
+        };
+        let seq = batch.mask.dim(1).unwrap();
+        assert!(
+            lengths(&batch.mask).iter().any(|&l| l < seq),
+            "{prefix}: no padding"
+        );
+        let what = format!("{prefix} x {copies} padding-free");
+        let out = model.forward(&batch.inputs(), &packed_options).unwrap();
+        let hidden = out.last_hidden_state;
+        let real = real_tokens(&hidden, &batch.mask);
+        assert_close(
+            &format!("{what} last_hidden_state (real tokens)"),
+            &real,
+            &real_tokens(
+                &repeat(&expected[&format!("{prefix}.last_hidden_state")]),
+                &batch.mask,
+            ),
+            TOLERANCE,
+        );
+        assert_eq!(
+            max_abs_diff(&hidden, &real),
+            0.0,
+            "{what}: padding not zero"
+        );
+        assert_close(
+            &format!("{what} pooler_output"),
+            &out.pooler_output.unwrap(),
+            &repeat(&expected[&format!("{prefix}.pooler_output")]),
+            TOLERANCE,
+        );
+        // And against the padded batch run here, tighter than against transformers.
+        let (padded, _) = encode(&model, &batch);
+        assert_close(
+            &format!("{what} against padded"),
+            &real,
+            &real_tokens(&padded, &batch.mask),
+            1e-5,
+        );
+        if copies == 1 {
+            for dtype in [DType::F16, DType::BF16] {
+                let half = load::<BertModel>(&files, dtype, &Device::Cpu)
+                    .unwrap()
+                    .model
+                    .forward(&batch.inputs(), &packed_options)
+                    .unwrap()
+                    .last_hidden_state;
+                assert_half_close(&format!("{what} {dtype:?}"), &half, &hidden);
+            }
+        }
+    }
+    let model = load::<BertModel>(&files, DType::F64, &Device::Cpu)
+        .unwrap()
+        .model;
+    let batch = Batch::from_fixture("single");
+    let hidden = model
+        .forward(&batch.inputs(), &packed_options)
+        .unwrap()
+        .last_hidden_state;
+    assert_close(
+        "single padding-free f64 (real tokens)",
+        &real_tokens(&hidden, &batch.mask),
+        &real_tokens(&expected["single.last_hidden_state_f64"], &batch.mask),
         1e-9,
     );
 }

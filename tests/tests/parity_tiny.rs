@@ -8,18 +8,32 @@ use bert::{
     BertForSequenceClassification, BertInputs, BertModel, ClassifierActivation, DType, Device,
     ForwardOptions, ModelFiles, Tensor,
 };
-use bert_tests::{assert_close, assert_half_close, fixture, lengths, outputs, row};
+use bert_tests::{
+    assert_close, assert_half_close, fixture, lengths, max_abs_diff, outputs, real_tokens, row,
+};
 
 const TOLERANCE: f64 = 5e-5;
 
 /// Every output of the architecture the checkpoint names, keyed as the fixture keys them.
 fn run(name: &str, dtype: DType, inputs: &BertInputs, bare: bool) -> HashMap<String, Tensor> {
-    let files = ModelFiles::from_dir(fixture(name)).unwrap();
-    let architecture = files.read_config().unwrap().architectures[0].clone();
-    let device = Device::Cpu;
     let options = ForwardOptions::inference()
         .with_hidden_states()
         .with_attentions();
+    run_with(name, dtype, inputs, bare, &options)
+}
+
+/// [`run`] with other options (attentions only where they ask for them).
+fn run_with(
+    name: &str,
+    dtype: DType,
+    inputs: &BertInputs,
+    bare: bool,
+    options: &ForwardOptions,
+) -> HashMap<String, Tensor> {
+    let files = ModelFiles::from_dir(fixture(name)).unwrap();
+    let architecture = files.read_config().unwrap().architectures[0].clone();
+    let device = Device::Cpu;
+    let options = *options;
     let mut out = HashMap::new();
     let mut put = |key: &str, t: Tensor| {
         out.insert(key.to_string(), t);
@@ -79,10 +93,73 @@ fn run(name: &str, dtype: DType, inputs: &BertInputs, bare: bool) -> HashMap<Str
     for (i, t) in hidden.unwrap().into_iter().enumerate() {
         put(&format!("hidden_states.{i}"), t);
     }
-    for (i, t) in attentions.unwrap().into_iter().enumerate() {
+    for (i, t) in attentions.into_iter().flatten().enumerate() {
         put(&format!("attentions.{i}"), t);
     }
     out
+}
+
+/// Padding-free (`skip_padding`): every output of the real tokens is transformers', and the
+/// hidden states are zeros at padded positions.
+fn check_padding_free(
+    name: &str,
+    bare: bool,
+    inputs: &BertInputs,
+    expected: &HashMap<String, Tensor>,
+) {
+    let mask = inputs.attention_mask.unwrap();
+    let seq = mask.dim(1).unwrap();
+    assert!(
+        lengths(mask).iter().any(|&length| length < seq),
+        "{name}: the fixture's batch has no padding to skip"
+    );
+    let options = ForwardOptions::inference()
+        .with_hidden_states()
+        .with_skip_padding();
+    let packed = run_with(name, DType::F32, inputs, bare, &options);
+    let mut compared = 0;
+    for (key, actual) in &packed {
+        let Some(reference) = expected.get(key) else {
+            continue;
+        };
+        let per_token = actual.rank() == 3 && actual.dims()[..2] == *mask.dims();
+        if per_token {
+            let real = real_tokens(actual, mask);
+            assert_close(
+                &format!("{name} {key} padding-free (real tokens)"),
+                &real,
+                &real_tokens(reference, mask),
+                TOLERANCE,
+            );
+            if key.contains("hidden_state") {
+                assert_eq!(
+                    max_abs_diff(actual, &real),
+                    0.0,
+                    "{name} {key} padding-free: padded positions not zero"
+                );
+            }
+        } else {
+            assert_close(
+                &format!("{name} {key} padding-free"),
+                actual,
+                reference,
+                TOLERANCE,
+            );
+        }
+        compared += 1;
+    }
+    assert!(
+        compared >= 3,
+        "{name}: only {compared} padding-free outputs compared"
+    );
+    assert!(!packed.keys().any(|k| k.starts_with("attentions")));
+    // Asked for attentions too, the padded batch runs: the same outputs as without the option.
+    let with_attentions = run_with(name, DType::F32, inputs, bare, &options.with_attentions());
+    let padded = run(name, DType::F32, inputs, bare);
+    assert_eq!(with_attentions.len(), padded.len());
+    for (key, t) in &padded {
+        assert_eq!(max_abs_diff(&with_attentions[key], t), 0.0, "{name} {key}");
+    }
 }
 
 /// Compares every output to transformers' in f32, and f16/bf16 to our f32; then checks that each
@@ -112,6 +189,7 @@ fn check(name: &str, bare: bool) {
         "{name}: no head output compared"
     );
     assert!(compared >= 5, "{name}: only {compared} outputs compared");
+    check_padding_free(name, bare, &inputs, &expected);
 
     for dtype in [DType::F16, DType::BF16] {
         let half = run(name, dtype, &inputs, bare);

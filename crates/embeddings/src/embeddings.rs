@@ -68,7 +68,8 @@ impl BertEmbeddings {
         })?;
         check_ids("input_ids", input_ids, self.word_embeddings.rows())?;
         let max_positions = self.position_embeddings.rows();
-        if seq > max_positions {
+        // With explicit positions (a packed batch's run past 512 rows) their ids are checked.
+        if position_ids.is_none() && seq > max_positions {
             return Err(Error::input(format!(
                 "sequence of {seq} tokens is longer than max_position_embeddings \
                  ({max_positions})"

@@ -7,7 +7,8 @@ use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{
     attention_probabilities, compute_dtype, fused_attention, fused_attention_block,
-    fused_attention_packed, join_path, Dropout, Embedding, LayerNorm, Linear, NamedLinears,
+    fused_attention_packed, join_path, AttentionMask, Dropout, Embedding, LayerNorm, Linear,
+    NamedLinears, PackedSequences,
 };
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
@@ -113,22 +114,39 @@ impl BertSelfAttention {
             .contiguous()?)
     }
 
-    /// Attention of `hidden_states` (`[batch, seq, hidden]`) with an additive f32 `bias`
-    /// broadcastable to `[batch, heads, seq, seq]`. Returns the context `[batch, seq, hidden]`
-    /// and, with `want_probs`, the attention probabilities `[batch, heads, seq, seq]`.
-    pub fn forward(
+    /// Attention of `hidden_states` (`[batch, seq, hidden]`) under `mask`: an additive f32
+    /// bias broadcastable to `[batch, heads, seq, seq]`, none, or packed rows
+    /// (`[1, tokens, hidden]`, see [`PackedSequences`]). Returns the context in the input's
+    /// shape and, with `want_probs`, the attention probabilities `[batch, heads, seq, seq]`
+    /// (not for packed rows, whose sequences differ in length: an error).
+    pub fn forward<'m>(
         &self,
         hidden_states: &Tensor,
-        bias: Option<&Tensor>,
+        mask: impl Into<AttentionMask<'m>>,
         train: bool,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (batch, seq, hidden) = hidden_states.dims3()?;
-        let dtype = hidden_states.dtype();
+        let mask = mask.into();
+        let (batch, seq, _) = hidden_states.dims3()?;
+        if let AttentionMask::Packed(packed) = mask {
+            if want_probs {
+                return Err(bert_embeddings::Error::input(
+                    "attention probabilities are not returned for packed sequences (their \
+                     lengths differ): run the padded batch",
+                ));
+            }
+            if batch != 1 || seq != packed.tokens() {
+                return Err(bert_embeddings::Error::input(format!(
+                    "packed rows must be [1, {}, hidden], got {:?}",
+                    packed.tokens(),
+                    hidden_states.dims()
+                )));
+            }
+        }
         let (q, k, v) = match &self.qkv {
             Some(qkv) if !train => {
                 let packed = qkv.forward_t(hidden_states, false)?;
-                let fused = fused_attention_packed(&packed, self.num_heads, bias, want_probs)?;
+                let fused = fused_attention_packed(&packed, self.num_heads, mask, want_probs)?;
                 if let Some((context, probs)) = fused {
                     return Ok((context, probs));
                 }
@@ -145,13 +163,29 @@ impl BertSelfAttention {
                 self.value.forward_t(hidden_states, train)?,
             ),
         };
+        self.attend(&q, &k, &v, mask, train, want_probs)
+    }
+
+    /// Attention of projected `q`, `k`, `v` (`[batch, seq, hidden]` each) under `mask`:
+    /// the CPU kernel where it applies, else composed ops.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: AttentionMask,
+        train: bool,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (batch, seq, hidden) = q.dims3()?;
+        let dtype = q.dtype();
         if self.distance_embedding.is_none() {
             let fused = fused_attention(
-                &q,
-                &k,
-                &v,
+                q,
+                k,
+                v,
                 self.num_heads,
-                bias,
+                mask,
                 train.then_some(&self.dropout),
                 want_probs,
             )?;
@@ -159,10 +193,14 @@ impl BertSelfAttention {
                 return Ok((context, probs));
             }
         }
+        let bias = match mask {
+            AttentionMask::Packed(packed) => return self.each_sequence(q, k, v, packed, train),
+            mask => mask.bias(),
+        };
         let (q, k, v) = (
-            self.split_heads(&q)?,
-            self.split_heads(&k)?,
-            self.split_heads(&v)?,
+            self.split_heads(q)?,
+            self.split_heads(k)?,
+            self.split_heads(v)?,
         );
         let mut scores = q.matmul(&k.t()?)?;
         if let Some(table) = &self.distance_embedding {
@@ -183,6 +221,30 @@ impl BertSelfAttention {
         Ok((context, want_probs.then_some(probs)))
     }
 
+    /// Packed rows where no kernel took them (another device or dtype, relative positions,
+    /// training): each sequence's rows alone, as a batch of one with nothing masked, joined
+    /// back in order. One attention per sequence; gradients flow through the slices.
+    fn each_sequence(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        packed: &PackedSequences,
+        train: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let contexts = packed
+            .spans()
+            .map(|(start, length)| {
+                let rows = |t: &Tensor| t.narrow(1, start, length);
+                let (q, k, v) = (rows(q)?, rows(k)?, rows(v)?);
+                Ok(self
+                    .attend(&q, &k, &v, AttentionMask::None, train, false)?
+                    .0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Tensor::cat(&contexts, 1)?, None))
+    }
+
     /// Scores from the distance table: `einsum("bhld,lrd->bhlr", q, P)` for `relative_key`,
     /// plus `einsum("bhrd,lrd->bhlr", k, P)` for `relative_key_query`, where
     /// `P[l, r] = distance_embedding[l - r + max_positions - 1]`.
@@ -194,6 +256,13 @@ impl BertSelfAttention {
         seq: usize,
     ) -> Result<Tensor> {
         let (batch, heads, _, head_dim) = q.dims4()?;
+        if seq > self.max_position_embeddings {
+            return Err(bert_embeddings::Error::input(format!(
+                "sequence of {seq} tokens is longer than max_position_embeddings ({}): the \
+                 distance table has no entries that far",
+                self.max_position_embeddings
+            )));
+        }
         let device = q.device();
         let offset = (self.max_position_embeddings - 1) as i64;
         let left = Tensor::arange(0i64, seq as i64, device)?.reshape((seq, 1))?;
@@ -299,22 +368,24 @@ impl BertAttention {
         })
     }
 
-    /// Returns the block's output and, with `want_probs`, the attention probabilities.
-    pub fn forward(
+    /// Returns the block's output and, with `want_probs`, the attention probabilities. `mask`
+    /// as for [`BertSelfAttention::forward`].
+    pub fn forward<'m>(
         &self,
         hidden_states: &Tensor,
-        bias: Option<&Tensor>,
+        mask: impl Into<AttentionMask<'m>>,
         train: bool,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let mask = mask.into();
         if !train && !want_probs {
-            if let Some(out) = self.fused_inference(hidden_states, bias)? {
+            if let Some(out) = self.fused_inference(hidden_states, mask)? {
                 return Ok((out, None));
             }
         }
         let (context, probs) =
             self.self_attention
-                .forward(hidden_states, bias, train, want_probs)?;
+                .forward(hidden_states, mask, train, want_probs)?;
         Ok((self.output.forward(&context, hidden_states, train)?, probs))
     }
 
@@ -324,7 +395,7 @@ impl BertAttention {
     fn fused_inference(
         &self,
         hidden_states: &Tensor,
-        bias: Option<&Tensor>,
+        mask: AttentionMask,
     ) -> Result<Option<Tensor>> {
         let attention = &self.self_attention;
         let Some(qkv) = attention.qkv.as_ref() else {
@@ -337,7 +408,7 @@ impl BertAttention {
             hidden_states,
             qkv,
             attention.num_heads,
-            bias,
+            mask,
             &self.output.dense,
             &self.output.layer_norm,
         )?)

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{join_path, Linear, NamedLinears};
+use bert_embeddings::nn::{join_path, AttentionMask, Linear, NamedLinears, PackedSequences};
 use bert_embeddings::{Config, Result};
 
 use crate::attention::{BertSelfAttention, SelfAttentions};
@@ -27,6 +27,13 @@ pub struct ForwardOptions {
     /// weight stays in its own (cast on the fly, so gradients reach f32 master weights);
     /// embeddings, LayerNorm and softmax statistics stay in f32. `None`: the weights' dtype.
     pub compute_dtype: Option<DType>,
+    /// Padding-free batches: where the attention mask pads some rows at their end, the model
+    /// runs every layer over the real tokens only (packed, see [`PackedSequences`]), so
+    /// padded positions cost nothing. The real positions' outputs are the padded batch's; the
+    /// padded positions of `last_hidden_state` and `hidden_states` are zeros (transformers
+    /// computes values there that mean nothing). Masks of another form (left padding, holes,
+    /// empty rows) and `output_attentions` run the padded batch.
+    pub skip_padding: bool,
 }
 
 impl ForwardOptions {
@@ -52,6 +59,12 @@ impl ForwardOptions {
     /// Also return all attention probabilities.
     pub fn with_attentions(mut self) -> Self {
         self.output_attentions = true;
+        self
+    }
+
+    /// Run padded batches padding-free: see [`ForwardOptions::skip_padding`].
+    pub fn with_skip_padding(mut self) -> Self {
+        self.skip_padding = true;
         self
     }
 
@@ -104,6 +117,37 @@ impl BertEncoder {
         options: &ForwardOptions,
     ) -> Result<EncoderOutput> {
         let (batch, seq, _) = hidden_states.dims3()?;
+        let bias = attention_mask
+            .map(|mask| padding_bias(mask, batch, seq))
+            .transpose()?;
+        self.run(hidden_states, bias.as_ref().into(), options)
+    }
+
+    /// Runs the stack over packed rows (`[1, tokens, hidden]`, the real tokens of
+    /// `packed`'s sequences one after another), each token attending to its own sequence.
+    /// Every output is packed likewise; attention probabilities are not returned (an error).
+    pub fn forward_packed(
+        &self,
+        hidden_states: &Tensor,
+        packed: &PackedSequences,
+        options: &ForwardOptions,
+    ) -> Result<EncoderOutput> {
+        if options.output_attentions {
+            return Err(bert_embeddings::Error::input(
+                "attention probabilities are not returned for packed sequences (their lengths \
+                 differ): run the padded batch",
+            ));
+        }
+        self.run(hidden_states, AttentionMask::Packed(packed), options)
+    }
+
+    fn run(
+        &self,
+        hidden_states: &Tensor,
+        mask: AttentionMask,
+        options: &ForwardOptions,
+    ) -> Result<EncoderOutput> {
+        let (batch, seq, _) = hidden_states.dims3()?;
         // Short f32 inference passes on the CPU run their parallel loops on a team of threads
         // that spin between loops instead of sleeping on rayon's (1 x 16: the futex sleeps and
         // wake-ups were ~15% of the pass). Not from inside rayon's pool: there other passes
@@ -114,9 +158,7 @@ impl BertEncoder {
             && !bert_embeddings::team::active()
             && rayon::current_thread_index().is_none()
         {
-            return bert_embeddings::team::with_team(|| {
-                self.forward(hidden_states, attention_mask, options)
-            });
+            return bert_embeddings::team::with_team(|| self.run(hidden_states, mask, options));
         }
         // Other short inference passes on the CPU (up to 1024 tokens, or not f32) run on a
         // thread of rayon's pool, which the kernels' parallel loops then share. Run from the
@@ -132,15 +174,8 @@ impl BertEncoder {
             && rayon::current_thread_index().is_none()
             && !bert_embeddings::team::active()
         {
-            return rayon::join(
-                || self.forward(hidden_states, attention_mask, options),
-                || (),
-            )
-            .0;
+            return rayon::join(|| self.run(hidden_states, mask, options), || ()).0;
         }
-        let bias = attention_mask
-            .map(|mask| padding_bias(mask, batch, seq))
-            .transpose()?;
         let mut all_hidden = options.output_hidden_states.then(Vec::new);
         let mut all_attentions = options.output_attentions.then(Vec::new);
         let mut hidden = hidden_states.clone();
@@ -148,12 +183,8 @@ impl BertEncoder {
             if let Some(all) = all_hidden.as_mut() {
                 all.push(hidden.clone());
             }
-            let (next, probs) = layer.forward(
-                &hidden,
-                bias.as_ref(),
-                options.train,
-                options.output_attentions,
-            )?;
+            let (next, probs) =
+                layer.forward(&hidden, mask, options.train, options.output_attentions)?;
             if let (Some(all), Some(probs)) = (all_attentions.as_mut(), probs) {
                 all.push(probs);
             }

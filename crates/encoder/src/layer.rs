@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{join_path, Linear, NamedLinears};
+use bert_embeddings::nn::{join_path, AttentionMask, Linear, NamedLinears};
 use bert_embeddings::{Config, Result};
 
 use crate::attention::{BertAttention, BertSelfAttention, SelfAttentions};
@@ -27,17 +27,18 @@ impl BertLayer {
         })
     }
 
-    /// Returns the layer's output and, with `want_probs`, its attention probabilities.
-    pub fn forward(
+    /// Returns the layer's output and, with `want_probs`, its attention probabilities. `mask`
+    /// as for [`BertSelfAttention::forward`].
+    pub fn forward<'m>(
         &self,
         hidden_states: &Tensor,
-        bias: Option<&Tensor>,
+        mask: impl Into<AttentionMask<'m>>,
         train: bool,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (attended, probs) = self
             .attention
-            .forward(hidden_states, bias, train, want_probs)?;
+            .forward(hidden_states, mask, train, want_probs)?;
         if !train {
             let fused =
                 crate::feed_forward::fused_inference(&self.intermediate, &self.output, &attended)?;

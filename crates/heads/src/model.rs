@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{join_path, Linear, NamedLinears};
+use bert_embeddings::nn::{join_path, Linear, NamedLinears, PackedSequences};
 use bert_embeddings::{BertEmbeddings, Config, Result};
 use bert_encoder::{BertEncoder, BertSelfAttention, ForwardOptions, SelfAttentions};
 
@@ -109,12 +109,23 @@ impl BertModel {
         self.pooler.as_ref()
     }
 
-    /// Runs embeddings, encoder and pooler.
+    /// Runs embeddings, encoder and pooler. With [`ForwardOptions::skip_padding`], a batch
+    /// padded at its rows' ends runs padding-free.
     pub fn forward(
         &self,
         inputs: &BertInputs,
         options: &ForwardOptions,
     ) -> Result<BertModelOutput> {
+        if options.skip_padding && !options.output_attentions {
+            if let Some(mask) = inputs.attention_mask {
+                // Shapes first, so a bad mask gets the padded path's own error.
+                if mask.dims() == inputs.input_ids.dims() {
+                    if let Some(packed) = PackedSequences::from_attention_mask(mask)? {
+                        return self.forward_packed(inputs, &packed, options);
+                    }
+                }
+            }
+        }
         let embedded = self.embeddings.forward(
             inputs.input_ids,
             inputs.token_type_ids,
@@ -138,6 +149,66 @@ impl BertModel {
             pooler_output,
             hidden_states: encoded.hidden_states,
             attentions: encoded.attentions,
+        })
+    }
+}
+
+impl BertModel {
+    /// [`BertModel::forward`] over the real tokens of `packed`'s sequences only: the inputs
+    /// are gathered into packed rows, the layers run over them, and the outputs are put back
+    /// into the batch's grid with zeros at the padded positions.
+    fn forward_packed(
+        &self,
+        inputs: &BertInputs,
+        packed: &PackedSequences,
+        options: &ForwardOptions,
+    ) -> Result<BertModelOutput> {
+        let seq = packed.padded_len();
+        let max_positions = self.config.max_position_embeddings;
+        if seq > max_positions {
+            return Err(bert_embeddings::Error::input(format!(
+                "sequence of {seq} tokens is longer than max_position_embeddings \
+                 ({max_positions})"
+            )));
+        }
+        let input_ids = packed.pack(inputs.input_ids)?;
+        let token_type_ids = inputs
+            .token_type_ids
+            .map(|ids| packed.pack(ids))
+            .transpose()?;
+        let position_ids = match inputs.position_ids {
+            Some(ids) => {
+                let grid = ids.broadcast_as(inputs.input_ids.dims())?.contiguous()?;
+                packed.pack(&grid)?
+            }
+            None => packed.positions()?,
+        };
+        let embedded = self.embeddings.forward(
+            &input_ids,
+            token_type_ids.as_ref(),
+            Some(&position_ids),
+            options.train,
+        )?;
+        let embedded = match options.compute_dtype {
+            Some(dtype) if dtype != embedded.dtype() => embedded.to_dtype(dtype)?,
+            _ => embedded,
+        };
+        let encoded = self.encoder.forward_packed(&embedded, packed, options)?;
+        let last_hidden_state = packed.unpack(&encoded.last_hidden_state)?;
+        let hidden_states = encoded
+            .hidden_states
+            .map(|all| all.iter().map(|h| packed.unpack(h)).collect::<Result<_>>())
+            .transpose()?;
+        let pooler_output = self
+            .pooler
+            .as_ref()
+            .map(|pooler| pooler.forward(&last_hidden_state, options.train))
+            .transpose()?;
+        Ok(BertModelOutput {
+            last_hidden_state,
+            pooler_output,
+            hidden_states,
+            attentions: None,
         })
     }
 }

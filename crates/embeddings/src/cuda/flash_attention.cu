@@ -13,9 +13,14 @@
 // 2r + 1 share row r, each taking half of the row's keys (softmax) and of its columns
 // (rescaling and writing the output).
 //
-// The bias is BERT's additive padding mask, one f32 per key of each sequence (0 or
-// f32::MIN, as transformers' get_extended_attention_mask), shared by heads and queries; it
-// may be null. Keys past the sequence's end in the last tile score -inf.
+// Two layouts of the sequences. Padded (`starts` null): sequence z is rows z * seq .. of a
+// [batch, seq] grid, and `bias` is BERT's additive padding mask, one f32 per key of each
+// sequence (0 or f32::MIN, as transformers' get_extended_attention_mask), shared by heads and
+// queries; it may be null. Packed, padding-free (`starts` given, `bias` null): the rows hold
+// only real tokens, sequence z is rows starts[z] .. starts[z + 1] (flash-attention's
+// cu_seqlens), and `seq` is the longest sequence (the grid's x covers it; blocks past a
+// shorter sequence's end leave at once). Keys past the sequence's end in the last tile score
+// -inf.
 //
 // The same source builds under a CPU emulation of the CUDA primitives it uses
 // (tests/cuda_emulation/), which checks its indexing and softmax against the plain path in
@@ -110,7 +115,8 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int first, int r
 // One block: queries blockIdx.x * BLOCK_QUERIES .. of head blockIdx.y of sequence blockIdx.z.
 template <typename T, int D>
 __device__ __forceinline__ void attention(const T* __restrict__ qkv,
-                                          const float* __restrict__ bias, T* __restrict__ out,
+                                          const float* __restrict__ bias,
+                                          const int* __restrict__ starts, T* __restrict__ out,
                                           int seq, int heads, float scale) {
   static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
   const int hidden = heads * D;
@@ -120,6 +126,12 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
   const int first_query = blockIdx.x * BLOCK_QUERIES;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  // The sequence's first row and its length; from here on `seq` is the latter.
+  const int start = starts ? starts[sequence] : sequence * seq;
+  seq = starts ? starts[sequence + 1] - start : seq;
+  // The whole block leaves together, before any barrier.
+  if (first_query >= seq) return;
+  const float* key_biases = bias ? bias + start : nullptr;  // one per row of either layout
 
   __shared__ __align__(32) T q_tile[BLOCK_QUERIES * D];
   __shared__ __align__(32) T k_tile[BLOCK_KEYS * D];
@@ -131,7 +143,7 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
   // Each lane's partial maximum or sum, read by its partner lane (lane ^ 1).
   __shared__ float partials[WARPS][32];
 
-  const T* tokens = qkv + (size_t)sequence * seq * row_stride + head * D;
+  const T* tokens = qkv + (size_t)start * row_stride + head * D;
   load_rows<T, D>(q_tile, tokens, first_query, BLOCK_QUERIES, seq, row_stride);
   float* o_tile = o_tiles[warp];
   for (int i = lane; i < ROWS_PER_WARP * D; i += 32) o_tile[i] = 0.0f;
@@ -151,7 +163,7 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
     load_rows<T, D>(v_tile, tokens + 2 * hidden, first_key, BLOCK_KEYS, seq, row_stride);
     for (int j = threadIdx.x; j < BLOCK_KEYS; j += THREADS) {
       const int key = first_key + j;
-      key_bias[j] = key >= seq ? -INFINITY : bias ? bias[(size_t)sequence * seq + key] : 0.0f;
+      key_bias[j] = key >= seq ? -INFINITY : key_biases ? key_biases[key] : 0.0f;
     }
     __syncthreads();
 
@@ -192,7 +204,7 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
   const int query = first_query + warp * ROWS_PER_WARP + row;
   if (query < seq) {
     const float inverse = 1.0f / row_sum;
-    T* dst = out + ((size_t)sequence * seq + query) * hidden + head * D + half * (D / 2);
+    T* dst = out + ((size_t)start + query) * hidden + head * D + half * (D / 2);
     for (int c = 0; c < D / 2; ++c) dst[c] = from_float<T>(o_row[c] * inverse);
   }
 }
@@ -203,8 +215,9 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
 // Launch with grid (ceil(seq / 64), heads, batch) and 128 threads; no dynamic shared memory.
 #define BERT_FLASH_ATTENTION(NAME, T, D)                                                      \
   extern "C" __global__ void __launch_bounds__(bert_flash::THREADS)                          \
-      NAME(const T* qkv, const float* bias, T* out, int seq, int heads, float scale) {        \
-    bert_flash::attention<T, D>(qkv, bias, out, seq, heads, scale);                           \
+      NAME(const T* qkv, const float* bias, const int* starts, T* out, int seq, int heads,    \
+           float scale) {                                                                     \
+    bert_flash::attention<T, D>(qkv, bias, starts, out, seq, heads, scale);                   \
   }
 
 BERT_FLASH_ATTENTION(flash_attention_f16_d32, __half, 32)

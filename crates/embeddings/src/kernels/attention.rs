@@ -29,6 +29,10 @@ pub(crate) struct AttentionOp {
     /// each task softmaxes in a per-thread scratch row block: inference never holds the
     /// `[batch, heads, seq, seq]` tensor (100 MB at 8 x 512 for 12 heads).
     pub keep_probs: bool,
+    /// Packed, padding-free rows (`[1, tokens, ..]`): sequence `i` is rows `starts[i] ..
+    /// starts[i + 1]`, and attends to its own rows only. Inference only: no bias, dropout or
+    /// kept probabilities with it.
+    pub starts: Option<Arc<[usize]>>,
     saved: SavedAttention,
 }
 
@@ -129,9 +133,29 @@ impl AttentionOp {
             bias,
             dropout,
             keep_probs,
+            starts: None,
             saved: saved.clone(),
         };
         (op, saved)
+    }
+
+    /// The op over packed rows (see [`AttentionOp::starts`]).
+    pub fn with_starts(mut self, starts: Arc<[usize]>) -> Self {
+        self.starts = Some(starts);
+        self
+    }
+
+    /// Number of sequences of a `[batch, seq, ..]` input: `batch`, or as many as packed.
+    fn sequences(&self, batch: usize) -> usize {
+        self.starts.as_ref().map_or(batch, |s| s.len() - 1)
+    }
+
+    /// `(first row, length)` of sequence `b` of a `[batch, seq, ..]` input.
+    fn span(&self, b: usize, seq: usize) -> (usize, usize) {
+        match &self.starts {
+            Some(s) => (s[b], s[b + 1] - s[b]),
+            None => (b * seq, seq),
+        }
     }
 
     /// `q`, `k` and `v` hold rows of `ld` elements, of which the first `hidden` are used: `ld`
@@ -150,6 +174,7 @@ impl AttentionOp {
     ) -> (Vec<T>, Option<Vec<T>>) {
         let heads = self.heads;
         let d = hidden / heads;
+        let sequences = self.sequences(batch);
         let mut context = filled(batch * seq * hidden, T::zero());
         let mut probs = self
             .keep_probs
@@ -165,13 +190,14 @@ impl AttentionOp {
             if let (Some(q), Some(k), Some(v)) = (as_f32(q), as_f32(k), as_f32(v)) {
                 let scale = self.scale as f32;
                 let init = crate::tiled_attention::HeadScratch::default;
-                crate::team::parallel_for_init(batch * heads, init, |scratch, task| {
+                crate::team::parallel_for_init(sequences * heads, init, |scratch, task| {
                     let (b, h) = (task / heads, task % heads);
-                    let base = b * seq * ld + h * d;
-                    let bias = self.bias.as_ref().map(|bias| &bias[b * seq..(b + 1) * seq]);
+                    let (start, seq) = self.span(b, seq);
+                    let base = start * ld + h * d;
+                    let bias = self.bias.as_ref().map(|bias| &bias[start..start + seq]);
                     // SAFETY: supported (checked above); q, k and v hold `seq` rows of stride
-                    // `ld` from `base` on, and this task alone writes context rows b, columns
-                    // h*d..(h+1)*d, a buffer apart from the inputs.
+                    // `ld` from `base` on, and this task alone writes its sequence's context
+                    // rows, columns h*d..(h+1)*d, a buffer apart from the inputs.
                     unsafe {
                         crate::tiled_attention::attention_head(
                             q[base..].as_ptr(),
@@ -182,7 +208,7 @@ impl AttentionOp {
                             d,
                             scale,
                             bias,
-                            ctx_ptr.get().add(b * seq * hidden + h * d).cast::<f32>(),
+                            ctx_ptr.get().add(start * hidden + h * d).cast::<f32>(),
                             hidden,
                             scratch,
                         );
@@ -192,8 +218,11 @@ impl AttentionOp {
             }
         }
         let init = || (Vec::new(), Vec::new());
-        crate::team::parallel_for_init(batch * heads, init, |state, task| {
+        crate::team::parallel_for_init(sequences * heads, init, |state, task| {
             let (scratch, sums): &mut (Vec<T>, Vec<f32>) = state;
+            // Kept probabilities and dropout come only with the padded layout (`check`), so
+            // their per-task blocks of seq * seq below are this task's.
+            let (start, seq) = self.span(task / heads, seq);
             // This task's (seq x seq) probabilities: its block of the kept tensor, or the
             // thread's scratch.
             let p: &mut [T] = match probs_ptr {
@@ -209,8 +238,8 @@ impl AttentionOp {
             with_simd(
                 #[inline(always)]
                 || {
-                    let (b, h) = (task / heads, task % heads);
-                    let base = b * seq * ld + h * d;
+                    let h = task % heads;
+                    let base = start * ld + h * d;
                     // SAFETY: q, k (rows of stride `ld`) and p (seq x seq) are in bounds.
                     unsafe {
                         small_gemm(
@@ -227,7 +256,7 @@ impl AttentionOp {
                             ld as isize,
                         );
                     }
-                    let row_bias = self.bias.as_ref().map(|bias| &bias[b * seq..(b + 1) * seq]);
+                    let row_bias = self.bias.as_ref().map(|bias| &bias[start..start + seq]);
                     sums.clear();
                     if let Some(p32) = as_f32_mut(p) {
                         let scale = self.scale as f32;
@@ -259,13 +288,14 @@ impl AttentionOp {
                         }
                         None => p,
                     };
-                    // SAFETY: this task alone writes context rows b, columns h*d..(h+1)*d.
+                    // SAFETY: this task alone writes its sequence's context rows, columns
+                    // h*d..(h+1)*d.
                     unsafe {
                         small_gemm(
                             seq,
                             d,
                             seq,
-                            ctx_ptr.get().add(b * seq * hidden + h * d),
+                            ctx_ptr.get().add(start * hidden + h * d),
                             hidden,
                             weights.as_ptr(),
                             seq as isize,
@@ -282,7 +312,7 @@ impl AttentionOp {
                             std::slice::from_raw_parts_mut(
                                 ctx_ptr
                                     .get()
-                                    .add((b * seq + r) * hidden + h * d)
+                                    .add((start + r) * hidden + h * d)
                                     .cast::<f32>(),
                                 d,
                             )
@@ -443,7 +473,28 @@ impl AttentionOp {
                 q.dims()
             )
         }
+        self.check_starts(batch * seq)?;
         Ok((batch, seq, hidden))
+    }
+
+    /// Packed rows (if any) must cover the `rows` of the input in runs of at least one, and
+    /// come without a bias, dropout or kept probabilities.
+    fn check_starts(&self, rows: usize) -> candle_core::Result<()> {
+        let Some(starts) = &self.starts else {
+            return Ok(());
+        };
+        let runs = starts.first() == Some(&0)
+            && starts.last() == Some(&rows)
+            && starts.windows(2).all(|w| w[0] < w[1]);
+        if !runs {
+            candle_core::bail!("bert-attention: sequence starts do not cover {rows} rows")
+        }
+        if self.bias.is_some() || self.dropout.is_some() || self.keep_probs {
+            candle_core::bail!(
+                "bert-attention: packed rows take no bias, dropout or kept probabilities"
+            )
+        }
+        Ok(())
     }
 }
 
@@ -547,6 +598,7 @@ impl CustomOp1 for PackedAttentionOp {
         if op.bias.as_ref().is_some_and(|b| b.len() != batch * seq) {
             candle_core::bail!("{name}: bias does not fit {:?}", xl.dims())
         }
+        op.check_starts(batch * seq)?;
         let mut saved = op.saved.lock()?;
         let out = per_float!(name, [F32, F64], (x => x @ xl), {
             let (context, probs) =

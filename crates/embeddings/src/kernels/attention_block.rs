@@ -6,7 +6,8 @@ use super::feed_forward::OutputNorm;
 use super::*;
 use crate::panel_gemm::PanelWeights;
 
-/// The fused attention block. Inputs: `x`, `[batch, seq, hidden]` contiguous. No backward
+/// The fused attention block. Inputs: `x`, `[batch, seq, hidden]` contiguous (or packed
+/// rows, `[1, tokens, hidden]`, with `starts`). No backward
 /// (see `nn::fused_attention_block` for when it runs).
 #[derive(Debug, Clone)]
 pub(crate) struct AttentionBlockOp {
@@ -16,6 +17,9 @@ pub(crate) struct AttentionBlockOp {
     pub heads: usize,
     /// `[batch, seq]` additive mask (the padding), shared by every head and query.
     pub mask: Option<Vec<f32>>,
+    /// Packed rows instead (`[1, tokens, hidden]`, no mask): sequence `i` is rows
+    /// `starts[i] .. starts[i + 1]`.
+    pub starts: Option<Arc<[usize]>>,
     /// `output.dense` (`hidden -> hidden`) and `output.LayerNorm`.
     pub output: OutputNorm,
 }
@@ -40,7 +44,13 @@ impl AttentionBlockOp {
             && self.qkv_bias.len() == 3 * hidden
             && self.output.fits(hidden)
             && x.len() == batch * seq * hidden
-            && self.mask.as_ref().is_none_or(|m| m.len() == batch * seq);
+            && self.mask.as_ref().is_none_or(|m| m.len() == batch * seq)
+            && self.starts.as_ref().is_none_or(|s| {
+                self.mask.is_none()
+                    && s.first() == Some(&0)
+                    && s.last() == Some(&(batch * seq))
+                    && s.windows(2).all(|w| w[0] < w[1])
+            });
         if !consistent {
             candle_core::bail!(
                 "bert-attention-block: input of {} floats for [{batch}, {seq}, {hidden}] with {} \
@@ -49,15 +59,20 @@ impl AttentionBlockOp {
                 self.heads
             )
         }
-        let size = seq * hidden;
+        // Sequence b: its rows, as floats.
+        let floats = |b: usize| match &self.starts {
+            Some(s) => s[b] * hidden..s[b + 1] * hidden,
+            None => b * seq * hidden..(b + 1) * seq * hidden,
+        };
+        let sequences = self.starts.as_ref().map_or(batch, |s| s.len() - 1);
         Ok(written_by_tasks(
-            batch * size,
-            batch,
-            |b| b * size..(b + 1) * size,
+            batch * seq * hidden,
+            sequences,
+            floats,
             SequenceScratch::default,
             |scratch, b, y| {
                 let mask = self.mask.as_ref().map(|m| &m[b * seq..(b + 1) * seq]);
-                self.sequence(&x[b * size..(b + 1) * size], mask, y, scratch);
+                self.sequence(&x[floats(b)], mask, y, scratch);
             },
         ))
     }

@@ -49,22 +49,28 @@ pub fn attention_probabilities(
 /// `[batch, seq, heads * head_dim]` and, with `want_probs`, the probabilities
 /// `[batch, heads, seq, seq]` (before dropout). `dropout` is given in training only. One fused
 /// CPU kernel with its own backward (see `kernels::AttentionOp`); `None` when it does not apply
-/// (another device or dtype, or a bias that is not one `[batch, 1, 1, seq]` row per sequence),
-/// so the caller composes ops.
-pub fn fused_attention(
+/// (another device or dtype, a bias that is not one `[batch, 1, 1, seq]` row per sequence, or
+/// packed rows with dropout, probabilities or a gradient), so the caller composes ops.
+pub fn fused_attention<'m>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-    bias: Option<&Tensor>,
+    mask: impl Into<AttentionMask<'m>>,
     dropout: Option<&Dropout>,
     want_probs: bool,
 ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+    let mask = mask.into();
     let (batch, seq, hidden) = q.dims3()?;
-    let Some(bias) = attention_kernel_bias(q, batch, seq, hidden, heads, bias)? else {
+    let Some(kernel_mask) = attention_kernel_mask(q, batch, seq, hidden, heads, mask)? else {
         return Ok(None);
     };
-    let dropout = dropout.filter(|d| d.p > 0.0).map(|d| {
+    let dropout = dropout.filter(|d| d.p > 0.0);
+    let tracked = [q, k, v].iter().any(|t| t.track_op());
+    if kernel_mask.starts.is_some() && (dropout.is_some() || want_probs || tracked) {
+        return Ok(None);
+    }
+    let dropout = dropout.map(|d| {
         (
             d.draw_keep(batch * heads * seq * seq),
             // The factor Dropout::forward uses (computed in f32), so both paths agree exactly.
@@ -74,8 +80,8 @@ pub fn fused_attention(
     let scale = 1.0 / ((hidden / heads) as f64).sqrt();
     // Probabilities are kept only when something will read them: the caller, or a backward
     // pass through any of q, k, v.
-    let keep_probs = want_probs || [q, k, v].iter().any(|t| t.track_op());
-    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, dropout, keep_probs);
+    let keep_probs = want_probs || tracked;
+    let (op, saved) = kernel_mask.op(heads, scale, dropout, keep_probs);
     let context = q
         .contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
@@ -113,32 +119,36 @@ pub fn gpu_fused_attention_built() -> bool {
     cfg!(all(feature = "cuda", not(bert_no_flash_attention)))
 }
 
-/// [`fused_attention`] for inference over the packed output of one QKV projection,
+/// [`fused_attention`] for inference over the output of one QKV projection,
 /// `qkv: [batch, seq, 3 * hidden]` (query, key, value columns side by side), read in place.
 /// `None` when the kernel does not apply (as for [`fused_attention`]) or `qkv` tracks a
-/// gradient (the packed kernel has no backward).
-pub fn fused_attention_packed(
+/// gradient (this kernel has no backward).
+pub fn fused_attention_packed<'m>(
     qkv: &Tensor,
     heads: usize,
-    bias: Option<&Tensor>,
+    mask: impl Into<AttentionMask<'m>>,
     want_probs: bool,
 ) -> candle_core::Result<Option<(Tensor, Option<Tensor>)>> {
+    let mask = mask.into();
     let (batch, seq, packed) = qkv.dims3()?;
     if packed % 3 != 0 || qkv.track_op() {
         return Ok(None);
     }
     #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
     if !want_probs && gpu_fused_kernels() {
-        if let Some(context) = crate::cuda_attention::packed_attention(qkv, heads, bias)? {
+        if let Some(context) = crate::cuda_attention::packed_attention(qkv, heads, mask)? {
             return Ok(Some((context, None)));
         }
     }
     let hidden = packed / 3;
-    let Some(bias) = attention_kernel_bias(qkv, batch, seq, hidden, heads, bias)? else {
+    let Some(kernel_mask) = attention_kernel_mask(qkv, batch, seq, hidden, heads, mask)? else {
         return Ok(None);
     };
+    if kernel_mask.starts.is_some() && want_probs {
+        return Ok(None);
+    }
     let scale = 1.0 / ((hidden / heads) as f64).sqrt();
-    let (op, saved) = crate::kernels::AttentionOp::new(heads, scale, bias, None, want_probs);
+    let (op, saved) = kernel_mask.op(heads, scale, None, want_probs);
     let context = qkv
         .contiguous()?
         .apply_op1_no_bwd(&crate::kernels::PackedAttentionOp(op))?;
@@ -149,31 +159,33 @@ pub fn fused_attention_packed(
 /// BERT's attention block for inference, `norm(output(attention(qkv(x))) + x)` for `x` of
 /// `[batch, seq, hidden]`, in one CPU kernel where it applies: f32 on the CPU with AVX-512, a
 /// fused QKV projection and an output layer that both have a bias, no adapter and AVX-512
-/// panels, a head size of 16 to 64, nothing tracking a gradient, a padding `bias` of one
-/// `[batch, 1, 1, seq]` row per sequence (or none), and at least two sequences per thread and
-/// 192 tokens. Each thread takes whole
+/// panels, a head size of 16 to 64, nothing tracking a gradient, a padding bias of one
+/// `[batch, 1, 1, seq]` row per sequence (or none, or packed rows), and at least two sequences
+/// per thread and 192 tokens. Each thread takes whole
 /// sequences through the projection, every head's attention, the output projection, the
 /// residual and the norm, so a sequence's query, key, value and context rows stay in its
 /// caches between them and the threads meet once per block instead of four times. `None`
 /// where it does not apply: the caller runs the layers.
-pub fn fused_attention_block(
+pub fn fused_attention_block<'m>(
     x: &Tensor,
     qkv: &Linear,
     heads: usize,
-    bias: Option<&Tensor>,
+    mask: impl Into<AttentionMask<'m>>,
     output: &Linear,
     norm: &LayerNorm,
 ) -> candle_core::Result<Option<Tensor>> {
+    let mask = mask.into();
     #[cfg(target_arch = "x86_64")]
     {
         let Ok((batch, seq, hidden)) = x.dims3() else {
             return Ok(None);
         };
         let threads = candle_core::utils::get_num_threads();
+        let sequences = mask.packed().map_or(batch, PackedSequences::sequences);
         let applies = heads > 0
             && hidden.is_multiple_of(heads)
             && crate::tiled_attention::supports(hidden / heads)
-            && batch >= 2 * threads
+            && sequences >= 2 * threads
             && batch * seq >= crate::kernels::FeedForwardOp::MIN_ROWS
             && norm.fits_fused_block();
         let (Some((p_qkv, b_qkv)), Some((p_out, b_out)), true) =
@@ -181,21 +193,22 @@ pub fn fused_attention_block(
         else {
             return Ok(None);
         };
-        let Some(mask) = attention_kernel_bias(x, batch, seq, hidden, heads, bias)? else {
+        let Some(kernel_mask) = attention_kernel_mask(x, batch, seq, hidden, heads, mask)? else {
             return Ok(None);
         };
         let op = crate::kernels::AttentionBlockOp {
             qkv: p_qkv.clone(),
             qkv_bias: b_qkv.to_vec1()?,
             heads,
-            mask,
+            mask: kernel_mask.bias,
+            starts: kernel_mask.starts,
             output: super::linear::output_norm(p_out, b_out, norm)?,
         };
         x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, qkv, heads, bias, output, norm);
+        let _ = (x, qkv, heads, mask, output, norm);
         Ok(None)
     }
 }
@@ -212,30 +225,61 @@ fn kept_probabilities(
         .transpose()
 }
 
-/// Whether the CPU attention kernel applies to `x` (CPU, f32/f64, non-empty, heads dividing
-/// `hidden`, a bias of one `[batch, 1, 1, seq]` row per sequence): `None` when it does not,
-/// else the bias as the kernel takes it (`Some(None)` without one).
-#[allow(clippy::type_complexity)]
-fn attention_kernel_bias(
+/// What the CPU attention kernels take of an [`AttentionMask`].
+struct KernelMask {
+    /// `[batch, seq]` additive bias.
+    bias: Option<Vec<f32>>,
+    /// First rows of packed sequences.
+    starts: Option<std::sync::Arc<[usize]>>,
+}
+
+impl KernelMask {
+    fn op(
+        self,
+        heads: usize,
+        scale: f64,
+        dropout: Option<(Vec<bool>, f64)>,
+        keep_probs: bool,
+    ) -> (crate::kernels::AttentionOp, crate::kernels::SavedAttention) {
+        let (op, saved) =
+            crate::kernels::AttentionOp::new(heads, scale, self.bias, dropout, keep_probs);
+        match self.starts {
+            Some(starts) => (op.with_starts(starts), saved),
+            None => (op, saved),
+        }
+    }
+}
+
+/// Whether the CPU attention kernels apply to `x` (CPU, f32/f64, non-empty, heads dividing
+/// `hidden`, a bias of one `[batch, 1, 1, seq]` row per sequence, or packed rows that are
+/// `x`'s): `None` when they do not, else the mask as they take it.
+fn attention_kernel_mask(
     x: &Tensor,
     batch: usize,
     seq: usize,
     hidden: usize,
     heads: usize,
-    bias: Option<&Tensor>,
-) -> candle_core::Result<Option<Option<Vec<f32>>>> {
+    mask: AttentionMask,
+) -> candle_core::Result<Option<KernelMask>> {
+    let fits = match mask {
+        AttentionMask::None => true,
+        AttentionMask::Bias(b) => b.dims() == [batch, 1, 1, seq],
+        AttentionMask::Packed(p) => batch == 1 && p.tokens() == seq,
+    };
     let applies = x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && batch > 0
         && seq > 0
         && heads > 0
         && hidden.is_multiple_of(heads)
-        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, seq]);
+        && fits;
     if !applies {
         return Ok(None);
     }
-    let bias = bias
+    let bias = mask
+        .bias()
         .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
-    Ok(Some(bias))
+    let starts = mask.packed().map(PackedSequences::shared_starts);
+    Ok(Some(KernelMask { bias, starts }))
 }

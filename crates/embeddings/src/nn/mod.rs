@@ -25,6 +25,7 @@ mod dropout;
 mod embedding;
 mod layer_norm;
 mod linear;
+mod packed;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +38,7 @@ pub use dropout::{seed_dropout, Dropout, SplitMix64};
 pub use embedding::Embedding;
 pub use layer_norm::LayerNorm;
 pub use linear::{fused_feed_forward, join_path, Linear, LoraAdapter, NamedLinears};
+pub use packed::{AttentionMask, PackedSequences};
 
 /// The dtype reductions run in: f32 for half-precision inputs, the input's own otherwise.
 pub fn compute_dtype(dtype: DType) -> DType {
