@@ -9,16 +9,21 @@ torch.compile), on the same card, in one invocation.
 
 DIR: checkpoints written by tests/scripts/gpu/random_checkpoints.py (random weights with the
 shapes of all-MiniLM-L6-v2 and bert-base; no real bert-base exists offline). Every batch has its
-odd rows padded by a quarter (`bert-bench infer --padded`; the same ids and mask here). For each
-model and dtype, ours runs the whole grid in one process, then each PyTorch variant in this one,
-every cell timed as the median of its runs after warm-up, each pass synchronised with the
-device. The last hidden states of ours are compared with PyTorch eager's (the first token's
-first 8 values and the mean |h|) so every row is known to compute the same thing.
+odd rows padded by a quarter (`bert-bench infer --padded`; the same ids and mask here). Ours runs
+them padding-free (`--skip-padding`: the layers see the real tokens only, where the fused GPU
+attention takes packed rows, else padded), as a user of this library would; --padded-ours runs
+every position instead. transformers' BertModel has no padding-free path: PyTorch runs every
+position. For each model and dtype, ours runs the whole grid in one process, then each PyTorch
+variant in this one, every cell timed as the median of its runs after warm-up, each pass
+synchronised with the device. The last hidden states of ours are compared with PyTorch eager's
+(the first token's first 8 values and the mean |h| over real tokens) so every row is known to
+compute the same thing.
 
 Reported per cell: seq/s, real tokens/s, our ratio to each PyTorch variant, and the fraction of
-the card's dense bf16 tensor peak that our pass reached (matmul FLOPs of every position, padded
-included, as both sides compute them; --peak-tflops, else by card name). f32 runs exact f32 on
-both sides (no TF32: PyTorch's and candle's defaults). torch.compile compiles per shape, which
+the card's dense bf16 tensor peak that our pass reached (--peak-tflops, else by card name),
+counting the matmul FLOPs of the real tokens only (the work the batch needs; padded positions
+would flatter whoever computes them). f32 runs exact f32 on both sides (no TF32: PyTorch's and
+candle's defaults). torch.compile compiles per shape, which
 takes minutes a cell: it runs only in --compile-cells. Sections stop being started once
 --deadline-s has passed (GPU time is lent in minutes), and what finished is written.
 
@@ -77,12 +82,12 @@ def benchmark_batch(batch, seq, padded):
     return torch.tensor(ids), torch.tensor(mask)
 
 
-def forward_flops(config, batch, seq):
-    """Matmul FLOPs of one encoder pass over every position."""
+def forward_flops(config, lengths):
+    """Matmul FLOPs of one encoder pass over sequences of `lengths` real tokens (no padding)."""
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    tokens = batch * seq
+    tokens = sum(lengths)
     projections = 2 * tokens * (4 * h * h + 2 * h * i)
-    attention = 4 * batch * seq * seq * h
+    attention = sum(4 * n * n * h for n in lengths)
     return layers * (projections + attention)
 
 
@@ -103,7 +108,7 @@ def run_ours(args, model_dir, dtype):
         args.bench, "infer", "--model", str(model_dir), "--device", args.device, "--dtype", dtype,
         "--batch", args.batches, "--seq", args.seqs, "--padded",
         "--warmup", str(args.warmup), "--runs", str(args.runs),
-    ]
+    ] + ([] if args.padded_ours else ["--skip-padding"])
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
@@ -124,7 +129,9 @@ def time_torch(model, ids, mask, warmup, runs, device):
             if run >= warmup:
                 times.append(time.perf_counter() - start)
     out = out.float()
-    return statistics.median(times), out[0, 0, :8].tolist(), out.abs().mean().item()
+    real = mask.unsqueeze(-1).to(out.dtype)
+    mean_abs = ((out.abs() * real).sum() / (real.sum() * out.shape[-1])).item()
+    return statistics.median(times), out[0, 0, :8].tolist(), mean_abs
 
 
 def main():
@@ -140,6 +147,8 @@ def main():
                         help="MODEL:DTYPE:BxS list (comma-separated) where torch.compile also runs")
     parser.add_argument("--deadline-s", type=float, default=420.0)
     parser.add_argument("--peak-tflops", type=float)
+    parser.add_argument("--padded-ours", action="store_true",
+                        help="run ours over every position too (no --skip-padding)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     args = parser.parse_args()
@@ -176,8 +185,10 @@ def main():
                 for seq in seqs:
                     ids, mask = benchmark_batch(batch, seq, padded=True)
                     ids, mask = ids.to(args.device), mask.to(args.device)
+                    lengths = [int(n) for n in mask.sum(dim=1).tolist()]
                     row = {"model": model_dir.name, "dtype": dtype, "batch": batch, "seq": seq,
-                           "real_tokens": int(mask.sum()), "flops": forward_flops(config, batch, seq)}
+                           "real_tokens": sum(lengths), "flops": forward_flops(config, lengths),
+                           "skip_padding": not args.padded_ours}
                     mine = ours.get((batch, seq)) if "error" not in ours else None
                     row["bert-rs"] = mine["median_s"] if mine else None
                     for name, model in variants.items():
@@ -215,7 +226,9 @@ def main():
                 torch.cuda.empty_cache()
     save()
 
-    print(f"\n{card}, torch {torch.__version__}, {report['date']}; odd rows padded by a quarter\n")
+    ours_mode = "every position" if args.padded_ours else "padding-free"
+    print(f"\n{card}, torch {torch.__version__}, {report['date']}; odd rows padded by a quarter; "
+          f"ours {ours_mode}\n")
     print("| model | dtype | batch x seq | ours seq/s | eager | SDPA | compile | ours/eager | ours/SDPA | ours/compile | peak frac |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f="{:.0f}": f.format(v) if v else "-"

@@ -109,6 +109,10 @@ struct InferArgs {
     /// padding (masked), as in a batch of mixed lengths.
     #[arg(long)]
     padded: bool,
+    /// Ours only: run padded batches padding-free (`ForwardOptions::skip_padding`: the layers
+    /// see the real tokens only).
+    #[arg(long)]
+    skip_padding: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -198,16 +202,23 @@ fn infer(args: &InferArgs) -> Result<()> {
     let forward: Forward = match args.implementation {
         Implementation::BertRs => {
             let model = bert::load::<bert::BertModel>(&files, dtype, &device)?.model;
+            let options = if args.skip_padding {
+                ForwardOptions::inference().with_skip_padding()
+            } else {
+                ForwardOptions::inference()
+            };
             Box::new(move |ids, types, mask| {
                 let inputs = BertInputs::new(ids)
                     .with_attention_mask(mask)
                     .with_token_type_ids(types);
-                Ok(model
-                    .forward(&inputs, &ForwardOptions::inference())?
-                    .last_hidden_state)
+                Ok(model.forward(&inputs, &options)?.last_hidden_state)
             })
         }
         Implementation::CandleTransformers => {
+            anyhow::ensure!(
+                !args.skip_padding,
+                "--skip-padding is ours: candle-transformers' BertModel runs every position"
+            );
             use candle_transformers::models::bert as peer;
             let config: peer::Config =
                 serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
@@ -262,11 +273,15 @@ fn infer_cell(
         hidden = Some(out);
     }
     // What the scripts compare across implementations: they must all compute the same states.
+    // The mean |h| is over real tokens: padded positions hold nothing anyone reads (zeros
+    // when padding is skipped, something else in every other implementation).
     let hidden = hidden
         .context("--warmup + --runs must be at least 1")?
         .to_dtype(DType::F32)?;
     let first_token: Vec<f32> = hidden.get(0)?.get(0)?.narrow(0, 0, 8)?.to_vec1()?;
-    let mean_abs = hidden.abs()?.mean_all()?.to_scalar::<f32>()?;
+    let real = bert::compare::real_tokens(&hidden, &attention_mask)?;
+    let mean_abs =
+        real.abs()?.sum_all()?.to_scalar::<f32>()? / (real_tokens as f32 * hidden.dim(2)? as f32);
     let median_s = median(times.clone());
     println!(
         "{}",
@@ -281,6 +296,7 @@ fn infer_cell(
             "batch": batch,
             "seq": seq,
             "padded": args.padded,
+            "skip_padding": args.skip_padding,
             "real_tokens": real_tokens,
             "threads": candle_core::utils::get_num_threads(),
             "load_s": load_s,

@@ -284,11 +284,10 @@ impl Embedder {
     /// [`Self::embed`] for texts the caller has already checked (and named in its own terms).
     fn embed_checked(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let encoded = self.runner.tokenizer.encode_texts(texts)?;
+        // Padding-free: pooling reads the real tokens only.
+        let options = ForwardOptions::inference().with_skip_padding();
         self.runner.run(&encoded, |inputs| {
-            let hidden = self
-                .model
-                .forward(inputs, &ForwardOptions::inference())?
-                .last_hidden_state;
+            let hidden = self.model.forward(inputs, &options)?.last_hidden_state;
             let mask = inputs
                 .attention_mask
                 .expect("the runner always sets a mask");

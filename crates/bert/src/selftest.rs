@@ -196,6 +196,24 @@ pub fn run(
             }
         }
 
+        // Padding-free (packed rows), against the padded pass: the same real tokens, zeros at
+        // the padding (compared with the padded pass's states zeroed there).
+        let (packed_hidden, _) = encode_with(&f32_model, &inputs, true)?;
+        checks.push(Check {
+            name: format!("{batch} f32 padding-free vs padded"),
+            value: max_abs_diff(&packed_hidden, &real_tokens(&hidden, &mask)?)?,
+            limit: Limit::AtMost(F32_LIMIT),
+        });
+        for (dtype, half_model) in &half_models {
+            let (half_padded, _) = encode(half_model, &inputs)?;
+            let (half_packed, _) = encode_with(half_model, &inputs, true)?;
+            checks.push(Check {
+                name: format!("{batch} {dtype:?} padding-free vs padded").to_lowercase(),
+                value: cosine(&half_packed, &real_tokens(&half_padded, &mask)?)?,
+                limit: Limit::AtLeast(HALF_COSINE),
+            });
+        }
+
         // Each row alone, cut to its real tokens, against its row of the padded batch.
         let mut worst = 0f64;
         for (row, length) in lengths(&mask)?.into_iter().enumerate() {
@@ -226,6 +244,7 @@ pub fn run(
             for dtype in [DType::F16, DType::BF16] {
                 for head_dim in [32, 64] {
                     checks.push(attention_kernel_check(device, dtype, head_dim)?);
+                    checks.push(packed_attention_kernel_check(device, dtype, head_dim)?);
                 }
             }
         }
@@ -355,8 +374,49 @@ fn attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Res
     kernel_check(name, dtype, &kernel, &exact)
 }
 
+/// The GPU attention kernel over packed rows: sequences of 100, 40, 1 and 65 tokens (one,
+/// two and a partial block of 64 queries) on random inputs in `dtype`, against the CPU's f32
+/// attention over the same rows.
+fn packed_attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Result<Check> {
+    use bert_embeddings::nn::{fused_attention_packed, PackedSequences, SplitMix64};
+    let (lengths, heads) = ([100, 40, 1, 65], 12);
+    let tokens: usize = lengths.iter().sum();
+    let mut rng = SplitMix64(1000 + head_dim as u64);
+    let values: Vec<f32> = (0..tokens * 3 * heads * head_dim)
+        .map(|_| (2.0 * rng.next_normal()) as f32)
+        .collect();
+    let qkv = Tensor::from_vec(values, (1, tokens, 3 * heads * head_dim), &Device::Cpu)?
+        .to_dtype(dtype)?;
+    let attend = |qkv: &Tensor| -> Result<Tensor> {
+        let packed = PackedSequences::new(&lengths, 100, qkv.device())?;
+        let (context, _) =
+            fused_attention_packed(qkv, heads, &packed, false)?.ok_or_else(|| {
+                Error::SelfTest(format!("no packed attention for {:?}", qkv.device()))
+            })?;
+        Ok(context)
+    };
+    let exact = attend(&qkv.to_dtype(DType::F32)?)?;
+    let kernel = attend(&qkv.to_device(device)?)?;
+    let name = format!("{dtype:?} packed attention kernel d{head_dim} vs exact").to_lowercase();
+    kernel_check(name, dtype, &kernel, &exact)
+}
+
 fn encode(model: &BertModel, inputs: &BertInputs) -> Result<(Tensor, Tensor)> {
-    let out = model.forward(inputs, &ForwardOptions::inference())?;
+    encode_with(model, inputs, false)
+}
+
+/// [`encode`], padding-free when `skip_padding`.
+fn encode_with(
+    model: &BertModel,
+    inputs: &BertInputs,
+    skip_padding: bool,
+) -> Result<(Tensor, Tensor)> {
+    let options = if skip_padding {
+        ForwardOptions::inference().with_skip_padding()
+    } else {
+        ForwardOptions::inference()
+    };
+    let out = model.forward(inputs, &options)?;
     let pooled = out.pooler_output.ok_or_else(|| {
         Error::SelfTest("the model has no pooler, but the reference checks one".into())
     })?;

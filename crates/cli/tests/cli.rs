@@ -340,8 +340,8 @@ fn default_model_scores_the_guitar_pairs_in_the_right_order() {
 fn selftest_passes_on_the_cpu_and_names_a_missing_backend() {
     let report = ok(&bert(&["selftest", "--device", "cpu"]));
     assert!(report.starts_with("selftest on cpu:"), "{report}");
-    assert_eq!(report.lines().filter(|l| l.ends_with(" ok")).count(), 14);
-    assert!(report.contains("all 14 checks passed"), "{report}");
+    assert_eq!(report.lines().filter(|l| l.ends_with(" ok")).count(), 20);
+    assert!(report.contains("all 20 checks passed"), "{report}");
     // Another model with its own reference (how a GPU machine without the real weights runs
     // it): here the same model and fixture, given explicitly.
     let fixture = concat!(
@@ -357,7 +357,7 @@ fn selftest_passes_on_the_cpu_and_names_a_missing_backend() {
         "--reference",
         fixture,
     ]));
-    assert!(explicit.contains("all 14 checks passed"), "{explicit}");
+    assert!(explicit.contains("all 20 checks passed"), "{explicit}");
     let alone = bert(&["selftest", "--model", "all-MiniLM-L6-v2"]);
     assert_eq!(alone.status.code(), Some(2), "{}", stderr(&alone));
     assert!(stderr(&alone).contains("--reference"), "{}", stderr(&alone));

@@ -32,7 +32,9 @@ pub struct ForwardOptions {
     /// padded positions cost nothing. The real positions' outputs are the padded batch's; the
     /// padded positions of `last_hidden_state` and `hidden_states` are zeros (transformers
     /// computes values there that mean nothing). Masks of another form (left padding, holes,
-    /// empty rows) and `output_attentions` run the padded batch.
+    /// empty rows), `output_attentions`, and GPUs where packed attention has no batched kernel
+    /// (f32, training, relative positions: each sequence would take its own launches) run the
+    /// padded batch.
     pub skip_padding: bool,
 }
 

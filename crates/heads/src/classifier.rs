@@ -100,9 +100,12 @@ impl BertForSequenceClassification {
         })
     }
 
-    /// Probabilities for each input (`[batch, num_labels]`), in inference mode.
+    /// Probabilities for each input (`[batch, num_labels]`), in inference mode. A batch padded
+    /// at its rows' ends runs padding-free ([`ForwardOptions::skip_padding`]): the scores read
+    /// `[CLS]` only, so padded positions would be work for nothing.
     pub fn probabilities(&self, inputs: &BertInputs) -> Result<Tensor> {
-        let logits = self.forward(inputs, &ForwardOptions::inference())?.logits;
+        let options = ForwardOptions::inference().with_skip_padding();
+        let logits = self.forward(inputs, &options)?.logits;
         self.activation.apply(&logits)
     }
 }
