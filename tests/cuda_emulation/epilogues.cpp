@@ -55,3 +55,13 @@ extern "C" int emulated_residual_layer_norm(const float* x, const float* bias,
   }
 #undef BERT_EMULATED_LAYER_NORM
 }
+
+// out: `total` floats of the mask (see dropout_mask). Always 0.
+extern "C" int emulated_dropout_mask(float* out, unsigned long long total,
+                                     unsigned long long state, float p, float scale) {
+  using namespace bert_epilogues;
+  const int blocks = (int)((total + THREADS - 1) / THREADS);
+  emulation::launch({blocks, 1, 1}, THREADS,
+                    [=] { dropout_mask<float>(out, total, state, p, scale); });
+  return 0;
+}

@@ -110,6 +110,7 @@ pub fn assert_gradient_close(name: &str, ours: &Tensor, expected: &Tensor) {
 /// `tests/cuda_emulation/` (compiled by `build.rs`), element type f32.
 pub mod cuda_emulation {
     extern "C" {
+        fn emulated_dropout_mask(out: *mut f32, total: u64, state: u64, p: f32, scale: f32) -> i32;
         fn emulated_bias_gelu(
             x: *const f32,
             bias: *const f32,
@@ -218,6 +219,17 @@ pub mod cuda_emulation {
             )
         };
         (status == 0).then_some(out)
+    }
+
+    /// Dropout's mask by `epilogues.cu`'s kernel: `total` values, `scale` where kept and 0
+    /// where dropped, from the SplitMix64 stream whose state is `state`.
+    pub fn dropout_mask(total: usize, state: u64, p: f32, scale: f32) -> Vec<f32> {
+        let mut out = vec![f32::NAN; total];
+        // SAFETY: out holds `total` floats; the kernel writes exactly those.
+        let status =
+            unsafe { emulated_dropout_mask(out.as_mut_ptr(), total as u64, state, p, scale) };
+        assert_eq!(status, 0);
+        out
     }
 
     /// `gelu(x + bias)` by `epilogues.cu`'s kernel, for `x` in rows of `bias.len()` columns;

@@ -7,7 +7,7 @@
 
 use bert::bert_embeddings::nn::SplitMix64;
 use bert::{Device, Tensor};
-use bert_tests::cuda_emulation::{bias_gelu, residual_layer_norm};
+use bert_tests::cuda_emulation::{bias_gelu, dropout_mask, residual_layer_norm};
 use bert_tests::max_abs_diff;
 
 fn normal(rng: &mut SplitMix64, n: usize, scale: f64, offset: f64) -> Vec<f32> {
@@ -127,5 +127,28 @@ fn residual_layer_norm_matches_the_plain_loop() {
     assert!(
         residual_layer_norm(&ones, None, None, (&ones, &ones), 1e-12, 5).is_none(),
         "a register count that is not built is refused"
+    );
+}
+
+/// The GPU's dropout mask is the CPU's: element i is kept exactly when draw i + 1 of the seeded
+/// SplitMix64 stream is at least p, so a run drops the same elements on either device. Two
+/// launches from the moved-on state continue the stream without a gap.
+#[test]
+fn dropout_mask_draws_the_cpu_stream() {
+    let (p, scale) = (0.1f32, 1.0f32 / 0.9);
+    let mut stream = SplitMix64(0x5EED);
+    let expected: Vec<f32> = (0..1500)
+        .map(|_| if stream.next_f32() >= p { scale } else { 0.0 })
+        .collect();
+    let first = dropout_mask(1000, 0x5EED, p, scale);
+    // The state after 1000 draws: each draw adds the golden gamma once.
+    let moved = 0x5EEDu64.wrapping_add(1000u64.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let second = dropout_mask(500, moved, p, scale);
+    let got: Vec<f32> = first.into_iter().chain(second).collect();
+    assert_eq!(got, expected);
+    let dropped = got.iter().filter(|&&m| m == 0.0).count();
+    assert!(
+        (100..200).contains(&dropped),
+        "{dropped} of 1500 dropped at p = 0.1"
     );
 }

@@ -237,3 +237,53 @@ impl LayerNormInputs<'_> {
         Ok(wrap(out, &device, self.x.dims()))
     }
 }
+
+/// Dropout's mask for `x` on CUDA, in its dtype and shape: `scale` where kept, 0 where
+/// dropped, element i kept when draw i + 1 of the SplitMix64 stream at `state` is at least
+/// `p` (the flags the CPU draws from that stream). A constant: no gradient of its own.
+pub(crate) fn dropout_mask(
+    x: &Tensor,
+    state: u64,
+    p: f32,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    let Some(device) = (match x.device() {
+        candle_core::Device::Cuda(device) => Some(device.clone()),
+        _ => None,
+    }) else {
+        candle_core::bail!("dropout_mask: not a CUDA tensor")
+    };
+    match x.dtype() {
+        DType::F32 => launch_dropout_mask::<f32>(&device, x.dims(), state, p, scale),
+        DType::F16 => launch_dropout_mask::<half::f16>(&device, x.dims(), state, p, scale),
+        DType::BF16 => launch_dropout_mask::<half::bf16>(&device, x.dims(), state, p, scale),
+        other => candle_core::bail!("dropout_mask: {other:?} is not f32, f16 or bf16"),
+    }
+}
+
+fn launch_dropout_mask<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    device: &CudaDevice,
+    shape: &[usize],
+    state: u64,
+    p: f32,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    let total = shape.iter().product::<usize>();
+    if total == 0 {
+        return Tensor::zeros(shape, T::DTYPE, &candle_core::Device::Cuda(device.clone()));
+    }
+    let func =
+        device.get_or_load_custom_func(&kernel_name("dropout_mask", T::DTYPE), MODULE, PTX)?;
+    // SAFETY: the kernel writes every element, one a thread.
+    let out = unsafe { device.alloc::<T>(total)? };
+    let total_u64 = total as u64;
+    let mut builder = func.builder();
+    builder.arg(&out);
+    builder.arg(&total_u64);
+    builder.arg(&state);
+    builder.arg(&p);
+    builder.arg(&scale);
+    // SAFETY: the arguments match the kernel's signature; it writes `total` elements.
+    unsafe { builder.launch(grid(total.div_ceil(THREADS))?) }.w()?;
+    Ok(wrap(out, device, shape))
+}

@@ -13,6 +13,9 @@
 //   registers, as transformers' f32 LayerNorm: E[x^2] - mean^2 cancels on BERT's large-offset
 //   residual streams).
 //
+// And for training, dropout's keep mask drawn where it is used (dropout_mask), from the same
+// seeded stream as the CPU's: the host only moves the stream's state on.
+//
 // The same source builds under a CPU emulation of the CUDA primitives it uses
 // (tests/cuda_emulation/), which checks it against plain loops in the test suite.
 
@@ -120,6 +123,24 @@ __device__ __forceinline__ void residual_layer_norm(const T* __restrict__ x,
   }
 }
 
+// Dropout's mask over `total` elements: `scale` where kept, 0 where dropped. Element i takes
+// draw i + 1 of the SplitMix64 stream whose state is `state` (the generator adds the golden
+// gamma before each draw, so draw k mixes state + k * gamma), kept when its 24-bit uniform is
+// at least p: the flags `Dropout::draw_keep` draws on the CPU. One element a thread: launch
+// with ceil(total / THREADS) blocks.
+template <typename T>
+__device__ __forceinline__ void dropout_mask(T* __restrict__ out, unsigned long long total,
+                                             unsigned long long state, float p, float scale) {
+  const unsigned long long i = (unsigned long long)blockIdx.x * THREADS + threadIdx.x;
+  if (i >= total) return;
+  unsigned long long z = state + (i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const float uniform = (float)(z >> 40) * (1.0f / 16777216.0f);
+  out[i] = from_float<T>(uniform >= p ? scale : 0.0f);
+}
+
 }  // namespace bert_epilogues
 
 #ifdef __CUDACC__
@@ -150,4 +171,13 @@ BERT_BIAS_GELU(bias_gelu_bf16, __nv_bfloat16)
 BERT_LAYER_NORMS(float, f32)
 BERT_LAYER_NORMS(__half, f16)
 BERT_LAYER_NORMS(__nv_bfloat16, bf16)
+
+#define BERT_DROPOUT_MASK(NAME, T)                                                              \
+  extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                        \
+      NAME(T* out, unsigned long long total, unsigned long long state, float p, float scale) { \
+    bert_epilogues::dropout_mask<T>(out, total, state, p, scale);                               \
+  }
+BERT_DROPOUT_MASK(dropout_mask_f32, float)
+BERT_DROPOUT_MASK(dropout_mask_f16, __half)
+BERT_DROPOUT_MASK(dropout_mask_bf16, __nv_bfloat16)
 #endif

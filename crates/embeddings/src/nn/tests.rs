@@ -752,3 +752,17 @@ fn fused_attention_block_matches_the_layers() {
     let x64 = x.to_dtype(DType::F64).unwrap();
     assert!(block(&x64, &qkv, &output, heads).is_none());
 }
+
+/// `skip(n)` lands where `n` draws would: a device drawing the skipped flags itself (the CUDA
+/// dropout mask) leaves the host stream exactly where drawing them here would.
+#[test]
+fn skipping_draws_matches_drawing_them() {
+    for n in [0u64, 1, 7, 1000] {
+        let (mut drawn, mut skipped) = (SplitMix64(42), SplitMix64(42));
+        for _ in 0..n {
+            drawn.next_u64();
+        }
+        skipped.skip(n);
+        assert_eq!(drawn.next_u64(), skipped.next_u64(), "n = {n}");
+    }
+}
