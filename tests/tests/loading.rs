@@ -247,6 +247,43 @@ fn bad_inputs_are_typed_errors_not_panics() {
         .unwrap_err()
         .to_string()
         .contains("integer dtype"));
+    // Padding-free, a bad id or segment in a padded position is refused as the padded pass
+    // refuses it, a grid past the positions is still too long, and a mask of another shape is
+    // named.
+    let padding_free = ForwardOptions::inference().with_skip_padding();
+    let run_padding_free = |ids: &Tensor, mask: &Tensor, types: Option<&Tensor>| {
+        let inputs = BertInputs::new(ids).with_attention_mask(mask);
+        let inputs = match types {
+            Some(types) => inputs.with_token_type_ids(types),
+            None => inputs,
+        };
+        model
+            .forward(&inputs, &padding_free)
+            .unwrap_err()
+            .to_string()
+    };
+    let mask = Tensor::new(&[[1u32, 0], [1, 1]], &Device::Cpu).unwrap();
+    let past_vocab_in_padding = Tensor::new(&[[1u32, 99], [1, 2]], &Device::Cpu).unwrap();
+    let message = run_padding_free(&past_vocab_in_padding, &mask, None);
+    assert!(message.contains("input_ids contains 99"), "{message}");
+    let pair_ids = Tensor::new(&[[1u32, 2], [1, 2]], &Device::Cpu).unwrap();
+    let bad_types_in_padding = Tensor::new(&[[0u32, 2], [0, 0]], &Device::Cpu).unwrap();
+    let message = run_padding_free(&pair_ids, &mask, Some(&bad_types_in_padding));
+    assert!(message.contains("token_type_ids contains 2"), "{message}");
+    let long_ids = Tensor::zeros((2, 65), DType::U32, &Device::Cpu).unwrap();
+    let long_mask = Tensor::cat(
+        &[
+            Tensor::ones((2, 1), DType::U32, &Device::Cpu).unwrap(),
+            Tensor::zeros((2, 64), DType::U32, &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
+    let message = run_padding_free(&long_ids, &long_mask, None);
+    assert!(message.contains("max_position_embeddings"), "{message}");
+    let short_mask = Tensor::new(&[[1u32, 0]], &Device::Cpu).unwrap();
+    let message = run_padding_free(&pair_ids, &short_mask, None);
+    assert!(message.contains("attention_mask"), "{message}");
     // Empty batches and empty sequences never reach a kernel that would divide by them.
     for shape in [(0usize, 3usize), (2, 0)] {
         let empty = Tensor::zeros(shape, DType::U32, &Device::Cpu).unwrap();

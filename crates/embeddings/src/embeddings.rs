@@ -120,6 +120,24 @@ impl BertEmbeddings {
         let embeddings = self.layer_norm.forward(&embeddings)?;
         Ok(self.dropout.forward(&embeddings, train)?)
     }
+
+    /// The checks [`BertEmbeddings::forward`] makes of the token and segment ids, on their own:
+    /// for callers that embed only some positions of a batch (a padding-free pass) and must
+    /// refuse what the whole batch would have refused.
+    pub fn check_ids(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<()> {
+        input_ids.dims2().map_err(|_| {
+            Error::input(format!(
+                "input_ids must be [batch, seq], got shape {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        check_ids("input_ids", input_ids, self.word_embeddings.rows())?;
+        if let Some(ids) = token_type_ids {
+            check_same_shape("token_type_ids", ids, input_ids)?;
+            check_ids("token_type_ids", ids, self.token_type_embeddings.rows())?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks that every id is in `0..rows`.

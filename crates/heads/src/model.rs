@@ -181,6 +181,10 @@ impl BertModel {
         packed: &PackedSequences,
         options: &ForwardOptions,
     ) -> Result<BertModelOutput> {
+        // Padded positions are not embedded, but a batch the padded pass would refuse is
+        // refused here too.
+        self.embeddings
+            .check_ids(inputs.input_ids, inputs.token_type_ids)?;
         let seq = packed.padded_len();
         let max_positions = self.config.max_position_embeddings;
         if seq > max_positions {

@@ -183,7 +183,8 @@ impl PackedSequences {
         }
         let rows = packed.squeeze(0)?;
         let with_zero = Tensor::cat(&[&rows, &rows.narrow(0, 0, 1)?.zeros_like()?], 0)?;
-        Ok(with_zero.index_select(&self.packed_rows, 0)?.reshape((
+        let device_rows = self.packed_rows.to_device(packed.device())?;
+        Ok(with_zero.index_select(&device_rows, 0)?.reshape((
             self.sequences(),
             self.padded_len,
             hidden,
