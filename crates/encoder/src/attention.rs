@@ -12,6 +12,8 @@ use bert_embeddings::nn::{
 };
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
+use crate::mask::padding_bias;
+
 /// Scaled dot-product attention over all heads (`attention.self.*`).
 #[derive(Debug, Clone)]
 pub struct BertSelfAttention {
@@ -194,7 +196,7 @@ impl BertSelfAttention {
             }
         }
         let bias = match mask {
-            AttentionMask::Packed(packed) => return self.each_sequence(q, k, v, packed, train),
+            AttentionMask::Packed(packed) => return self.attend_padded(q, k, v, packed, train),
             mask => mask.bias(),
         };
         let (q, k, v) = (
@@ -221,10 +223,12 @@ impl BertSelfAttention {
         Ok((context, want_probs.then_some(probs)))
     }
 
-    /// Packed rows where no kernel took them (another device or dtype, relative positions,
-    /// training): each sequence's rows alone, as a batch of one with nothing masked, joined
-    /// back in order. One attention per sequence; gradients flow through the slices.
-    fn each_sequence(
+    /// Packed rows where no kernel takes them (f32 on a GPU, relative positions, training):
+    /// `q`, `k` and `v` put back into the padded grid (zeros at padding), attention there under
+    /// the grid's padding mask, and the real rows of the context packed again. The layers
+    /// around attention still see the real tokens only; the two gathers are a pass each, and
+    /// gradients flow through them.
+    fn attend_padded(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -232,17 +236,18 @@ impl BertSelfAttention {
         packed: &PackedSequences,
         train: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let contexts = packed
-            .spans()
-            .map(|(start, length)| {
-                let rows = |t: &Tensor| t.narrow(1, start, length);
-                let (q, k, v) = (rows(q)?, rows(k)?, rows(v)?);
-                Ok(self
-                    .attend(&q, &k, &v, AttentionMask::None, train, false)?
-                    .0)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((Tensor::cat(&contexts, 1)?, None))
+        let (batch, seq) = (packed.sequences(), packed.padded_len());
+        let bias = padding_bias(packed.attention_mask(), batch, seq)?;
+        let grid = |t: &Tensor| packed.unpack(&t.contiguous()?);
+        let (context, _) = self.attend(
+            &grid(q)?,
+            &grid(k)?,
+            &grid(v)?,
+            AttentionMask::Bias(&bias),
+            train,
+            false,
+        )?;
+        Ok((packed.pack(&context)?, None))
     }
 
     /// Scores from the distance table: `einsum("bhld,lrd->bhlr", q, P)` for `relative_key`,

@@ -31,10 +31,11 @@ pub struct ForwardOptions {
     /// runs every layer over the real tokens only (packed, see [`PackedSequences`]), so
     /// padded positions cost nothing. The real positions' outputs are the padded batch's; the
     /// padded positions of `last_hidden_state` and `hidden_states` are zeros (transformers
-    /// computes values there that mean nothing). Masks of another form (left padding, holes,
-    /// empty rows), `output_attentions`, and GPUs where packed attention has no batched kernel
-    /// (f32, training, relative positions: each sequence would take its own launches) run the
-    /// padded batch.
+    /// computes values there that mean nothing). Attention takes the packed rows where a
+    /// kernel does (the CPU's f32/f64 kernels, the CUDA kernel in f16/bf16 inference); elsewhere
+    /// (f32 on a GPU, relative positions, training) each layer puts its query, key and value
+    /// back into the padded grid for attention alone. Masks of another form (left padding,
+    /// holes, empty rows) and `output_attentions` run the padded batch.
     pub skip_padding: bool,
 }
 

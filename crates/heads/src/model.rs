@@ -3,10 +3,8 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use bert_embeddings::nn::{
-    join_path, packed_attention_is_batched, Linear, NamedLinears, PackedSequences,
-};
-use bert_embeddings::{BertEmbeddings, Config, PositionEmbeddingType, Result};
+use bert_embeddings::nn::{join_path, Linear, NamedLinears, PackedSequences};
+use bert_embeddings::{BertEmbeddings, Config, Result};
 use bert_encoder::{BertEncoder, BertSelfAttention, ForwardOptions, SelfAttentions};
 
 use crate::pooler::BertPooler;
@@ -118,7 +116,7 @@ impl BertModel {
         inputs: &BertInputs,
         options: &ForwardOptions,
     ) -> Result<BertModelOutput> {
-        if options.skip_padding && !options.output_attentions && self.packs_well(inputs, options) {
+        if options.skip_padding && !options.output_attentions {
             if let Some(mask) = inputs.attention_mask {
                 // Shapes first, so a bad mask gets the padded path's own error.
                 if mask.dims() == inputs.input_ids.dims() {
@@ -156,22 +154,6 @@ impl BertModel {
 }
 
 impl BertModel {
-    /// Whether packed rows run as whole batches here (see
-    /// [`bert_embeddings::nn::packed_attention_is_batched`]): always on the CPU; on a GPU for
-    /// inference with absolute positions and a fused attention kernel for the compute dtype.
-    fn packs_well(&self, inputs: &BertInputs, options: &ForwardOptions) -> bool {
-        let device = inputs.input_ids.device();
-        if device.is_cpu() {
-            return true;
-        }
-        let dtype = options
-            .compute_dtype
-            .unwrap_or_else(|| self.embeddings.word_embeddings().weight().dtype());
-        !options.train
-            && self.config.position_embedding_type == PositionEmbeddingType::Absolute
-            && packed_attention_is_batched(device, dtype, self.config.head_dim())
-    }
-
     /// [`BertModel::forward`] over the real tokens of `packed`'s sequences only: the inputs
     /// are gathered into packed rows, the layers run over them, and the outputs are put back
     /// into the batch's grid with zeros at the padded positions.

@@ -119,29 +119,6 @@ pub fn gpu_fused_attention_built() -> bool {
     cfg!(all(feature = "cuda", not(bert_no_flash_attention)))
 }
 
-/// Whether attention over packed rows ([`AttentionMask::Packed`]) runs as whole batches on
-/// `device` in `dtype` for inference: on the CPU (this crate's kernels, or short per-sequence
-/// passes for other dtypes and relative positions), and on CUDA where the fused kernel is
-/// built and on for `dtype` (f16, bf16) and `head_dim` (32, 64). Elsewhere each sequence would
-/// take its own launches: callers run the padded batch instead.
-pub fn packed_attention_is_batched(
-    device: &candle_core::Device,
-    dtype: DType,
-    head_dim: usize,
-) -> bool {
-    if device.is_cpu() {
-        return true;
-    }
-    #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
-    if device.is_cuda() {
-        return gpu_fused_kernels()
-            && matches!(dtype, DType::F16 | DType::BF16)
-            && crate::cuda_attention::HEAD_DIMS.contains(&head_dim);
-    }
-    let _ = (dtype, head_dim);
-    false
-}
-
 /// [`fused_attention`] for inference over the output of one QKV projection,
 /// `qkv: [batch, seq, 3 * hidden]` (query, key, value columns side by side), read in place.
 /// `None` when the kernel does not apply (as for [`fused_attention`]) or `qkv` tracks a

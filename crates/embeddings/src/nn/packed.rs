@@ -29,6 +29,8 @@ pub struct PackedSequences {
     grid_rows: Tensor,
     /// For each grid position, its packed row, or `tokens` (a zero row) for padding.
     packed_rows: Tensor,
+    /// The grid's `[batch, padded_len]` attention mask (u32: 1 for tokens, 0 for padding).
+    attention_mask: Tensor,
 }
 
 impl PackedSequences {
@@ -57,6 +59,7 @@ impl PackedSequences {
         let mut starts = Vec::with_capacity(lengths.len() + 1);
         let mut grid_rows = Vec::with_capacity(tokens);
         let mut packed_rows = Vec::with_capacity(lengths.len() * padded_len);
+        let mut mask = Vec::with_capacity(lengths.len() * padded_len);
         let mut start = 0;
         for (i, &length) in lengths.iter().enumerate() {
             starts.push(start);
@@ -68,6 +71,7 @@ impl PackedSequences {
                     tokens as u32
                 }
             }));
+            mask.extend((0..padded_len).map(|j| u32::from(j < length)));
             start += length;
         }
         starts.push(start);
@@ -78,6 +82,7 @@ impl PackedSequences {
             padded_len,
             grid_rows: Tensor::new(grid_rows.as_slice(), device)?,
             packed_rows: Tensor::new(packed_rows.as_slice(), device)?,
+            attention_mask: Tensor::from_vec(mask, (lengths.len(), padded_len), device)?,
         })
     }
 
@@ -148,6 +153,12 @@ impl PackedSequences {
     /// Width of the padded grid.
     pub fn padded_len(&self) -> usize {
         self.padded_len
+    }
+
+    /// The padded grid's `[batch, padded_len]` attention mask (u32: 1 for tokens, 0 for
+    /// padding), on the batch's device.
+    pub fn attention_mask(&self) -> &Tensor {
+        &self.attention_mask
     }
 
     /// `(first row, length)` of each sequence.
