@@ -10,9 +10,11 @@ torch.compile), on the same card, in one invocation.
 DIR: checkpoints written by tests/scripts/gpu/random_checkpoints.py (random weights with the
 shapes of all-MiniLM-L6-v2 and bert-base; no real bert-base exists offline). Every batch has its
 odd rows padded by a quarter (`bert-bench infer --padded`; the same ids and mask here). Ours runs
-them padding-free (`--skip-padding`: the layers see the real tokens only, where the fused GPU
-attention takes packed rows, else padded), as a user of this library would; --padded-ours runs
-every position instead. transformers' BertModel has no padding-free path: PyTorch runs every
+them padding-free (`--skip-padding`: the layers see the real tokens only; attention takes packed
+rows where the fused GPU kernel does, else runs alone in the padded grid), as a user of this
+library would; --padded-ours runs every position instead, and for the dtypes of --padded-too
+(bf16 by default) ours also runs every position, so the table shows what skipping the padding
+bought. transformers' BertModel has no padding-free path: PyTorch runs every
 position. For each model and dtype, ours runs the whole grid in one process, then each PyTorch
 variant in this one, every cell timed as the median of its runs after warm-up, each pass
 synchronised with the device. The last hidden states of ours are compared with PyTorch eager's
@@ -100,7 +102,7 @@ def card_peak(name, override):
     return None
 
 
-def run_ours(args, model_dir, dtype):
+def run_ours(args, model_dir, dtype, padded=None):
     env = dict(os.environ)
     if os.environ.get("BERT_GPU_LIBS"):
         env["LD_LIBRARY_PATH"] = os.environ["BERT_GPU_LIBS"]
@@ -108,7 +110,7 @@ def run_ours(args, model_dir, dtype):
         args.bench, "infer", "--model", str(model_dir), "--device", args.device, "--dtype", dtype,
         "--batch", args.batches, "--seq", args.seqs, "--padded",
         "--warmup", str(args.warmup), "--runs", str(args.runs),
-    ] + ([] if args.padded_ours else ["--skip-padding"])
+    ] + ([] if (args.padded_ours if padded is None else padded) else ["--skip-padding"])
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
@@ -148,7 +150,9 @@ def main():
     parser.add_argument("--deadline-s", type=float, default=420.0)
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--padded-ours", action="store_true",
-                        help="run ours over every position too (no --skip-padding)")
+                        help="run ours over every position (no --skip-padding)")
+    parser.add_argument("--padded-too", default="bf16",
+                        help="dtypes (comma-separated) where ours also runs every position")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     args = parser.parse_args()
@@ -178,6 +182,9 @@ def main():
                 report["skipped"].append(section)
                 continue
             ours = run_ours(args, model_dir, dtype)
+            padded_too = set(filter(None, args.padded_too.split(",")))
+            ours_padded = (run_ours(args, model_dir, dtype, padded=True)
+                           if dtype in padded_too and not args.padded_ours else {})
             variants = {}
             for name, attention in [("torch-eager", "eager"), ("torch-sdpa", "sdpa")]:
                 variants[name] = load_torch(model_dir, attention, DTYPES[dtype], args.device)
@@ -191,6 +198,11 @@ def main():
                            "skip_padding": not args.padded_ours}
                     mine = ours.get((batch, seq)) if "error" not in ours else None
                     row["bert-rs"] = mine["median_s"] if mine else None
+                    mine_padded = ours_padded.get((batch, seq)) if "error" not in ours_padded else None
+                    if mine_padded:
+                        row["bert-rs-every-position"] = mine_padded["median_s"]
+                        if mine:
+                            row["padding-free-gain"] = mine_padded["median_s"] / mine["median_s"]
                     for name, model in variants.items():
                         try:
                             row[name], first, mean_abs = time_torch(model, ids, mask, args.warmup, args.runs, args.device)
@@ -229,14 +241,15 @@ def main():
     ours_mode = "every position" if args.padded_ours else "padding-free"
     print(f"\n{card}, torch {torch.__version__}, {report['date']}; odd rows padded by a quarter; "
           f"ours {ours_mode}\n")
-    print("| model | dtype | batch x seq | ours seq/s | eager | SDPA | compile | ours/eager | ours/SDPA | ours/compile | peak frac |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | dtype | batch x seq | ours seq/s | eager | SDPA | compile | ours/eager | ours/SDPA | ours/compile | peak frac | padding-free gain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f="{:.0f}": f.format(v) if v else "-"
     for r in report["rows"]:
         print(f"| {r['model']} | {r['dtype']} | {r['batch']}x{r['seq']} | {fmt(r.get('bert-rs-seq/s'))} | "
               f"{fmt(r.get('torch-eager-seq/s'))} | {fmt(r.get('torch-sdpa-seq/s'))} | {fmt(r.get('torch-compile-seq/s'))} | "
               f"{fmt(r.get('ours/torch-eager'), '{:.2f}')} | {fmt(r.get('ours/torch-sdpa'), '{:.2f}')} | "
-              f"{fmt(r.get('ours/torch-compile'), '{:.2f}')} | {fmt(r.get('bf16-peak-fraction'), '{:.2f}')} |")
+              f"{fmt(r.get('ours/torch-compile'), '{:.2f}')} | {fmt(r.get('bf16-peak-fraction'), '{:.2f}')} | "
+              f"{fmt(r.get('padding-free-gain'), '{:.2f}')} |")
     if report["skipped"]:
         print(f"\nnot run (deadline): {', '.join(report['skipped'])}")
 
