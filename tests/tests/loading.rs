@@ -284,6 +284,25 @@ fn bad_inputs_are_typed_errors_not_panics() {
     let short_mask = Tensor::new(&[[1u32, 0]], &Device::Cpu).unwrap();
     let message = run_padding_free(&pair_ids, &short_mask, None);
     assert!(message.contains("attention_mask"), "{message}");
+    for (positions, words) in [
+        (
+            Tensor::new(&[[0u32, 64], [0, 1]], &Device::Cpu).unwrap(),
+            "position_ids contains 64",
+        ),
+        (
+            Tensor::new(&[[0u32, 1, 2]], &Device::Cpu).unwrap(),
+            "position_ids must be",
+        ),
+    ] {
+        let inputs = BertInputs::new(&pair_ids)
+            .with_attention_mask(&mask)
+            .with_position_ids(&positions);
+        let message = model
+            .forward(&inputs, &padding_free)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains(words), "{message}");
+    }
     // Empty batches and empty sequences never reach a kernel that would divide by them.
     for shape in [(0usize, 3usize), (2, 0)] {
         let empty = Tensor::zeros(shape, DType::U32, &Device::Cpu).unwrap();

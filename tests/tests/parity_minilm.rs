@@ -292,6 +292,23 @@ fn minilm_padding_free_matches_transformers() {
             &repeat(&expected[&format!("{prefix}.pooler_output")]),
             TOLERANCE,
         );
+        // Explicit positions (the default ones, as [1, seq]) are packed as the ids are.
+        let positions = Tensor::arange(0u32, seq as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let with_positions = model
+            .forward(
+                &batch.inputs().with_position_ids(&positions),
+                &packed_options,
+            )
+            .unwrap()
+            .last_hidden_state;
+        assert_eq!(
+            max_abs_diff(&with_positions, &hidden),
+            0.0,
+            "{what}: positions"
+        );
         // And against the padded batch run here, tighter than against transformers.
         let (padded, _) = encode(&model, &batch);
         assert_close(

@@ -121,11 +121,16 @@ impl BertEmbeddings {
         Ok(self.dropout.forward(&embeddings, train)?)
     }
 
-    /// The checks [`BertEmbeddings::forward`] makes of the token and segment ids, on their own:
-    /// for callers that embed only some positions of a batch (a padding-free pass) and must
-    /// refuse what the whole batch would have refused.
-    pub fn check_ids(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<()> {
-        input_ids.dims2().map_err(|_| {
+    /// The checks [`BertEmbeddings::forward`] makes of the token, segment and position ids,
+    /// on their own: for callers that embed only some positions of a batch (a padding-free
+    /// pass) and must refuse what the whole batch would have refused.
+    pub fn check_ids(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<()> {
+        let (batch, seq) = input_ids.dims2().map_err(|_| {
             Error::input(format!(
                 "input_ids must be [batch, seq], got shape {:?}",
                 input_ids.dims()
@@ -135,6 +140,15 @@ impl BertEmbeddings {
         if let Some(ids) = token_type_ids {
             check_same_shape("token_type_ids", ids, input_ids)?;
             check_ids("token_type_ids", ids, self.token_type_embeddings.rows())?;
+        }
+        if let Some(ids) = position_ids {
+            if ids.dims() != [1, seq] && ids.dims() != [batch, seq] {
+                return Err(Error::input(format!(
+                    "position_ids must be [batch, seq] or [1, seq] = [{batch}, {seq}], got {:?}",
+                    ids.dims()
+                )));
+            }
+            check_ids("position_ids", ids, self.position_embeddings.rows())?;
         }
         Ok(())
     }

@@ -166,7 +166,7 @@ impl BertModel {
         // Padded positions are not embedded, but a batch the padded pass would refuse is
         // refused here too.
         self.embeddings
-            .check_ids(inputs.input_ids, inputs.token_type_ids)?;
+            .check_ids(inputs.input_ids, inputs.token_type_ids, inputs.position_ids)?;
         let seq = packed.padded_len();
         let max_positions = self.config.max_position_embeddings;
         if seq > max_positions {
