@@ -75,9 +75,13 @@ impl Dropout {
 pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
+    /// What each draw adds to the state (the golden ratio's 64-bit fraction); the CUDA
+    /// dropout kernel (`cuda/epilogues.cu`) uses the same constant.
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(Self::GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -87,7 +91,7 @@ impl SplitMix64 {
     /// Moves the stream past `n` draws without making them (each draw adds the same
     /// constant to the state, so draw `k` after this is draw `n + k` before it).
     pub fn skip(&mut self, n: u64) {
-        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        self.0 = self.0.wrapping_add(n.wrapping_mul(Self::GAMMA));
     }
 
     /// Uniform in [0, 1) with 24 bits of precision.
