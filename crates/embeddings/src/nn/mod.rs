@@ -1,6 +1,7 @@
 //! Building blocks shared by every BERT module, one file each: `linear` (with LoRA adapters),
 //! `embedding`, `layer_norm`, `dropout` (and the seeded generator), `attention` (softmax and
-//! the attention core); activations here.
+//! the attention core), `packed` (padding-free batches and the attention mask that says which
+//! keys a query sees); activations here.
 //!
 //! candle's fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`) record no gradient,
 //! and its autograd over composed ops is slow on BERT's large activations. On the CPU (f32/f64)
