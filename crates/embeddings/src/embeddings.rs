@@ -60,13 +60,8 @@ impl BertEmbeddings {
         position_ids: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2().map_err(|_| {
-            Error::input(format!(
-                "input_ids must be [batch, seq], got shape {:?}",
-                input_ids.dims()
-            ))
-        })?;
-        check_ids("input_ids", input_ids, self.word_embeddings.rows())?;
+        self.check_ids(input_ids, token_type_ids, position_ids)?;
+        let (batch, seq) = input_ids.dims2()?;
         let max_positions = self.position_embeddings.rows();
         // With explicit positions (a packed batch's run past 512 rows) their ids are checked.
         if position_ids.is_none() && seq > max_positions {
@@ -78,11 +73,7 @@ impl BertEmbeddings {
 
         let mut embeddings = self.word_embeddings.forward(input_ids)?;
         let token_type = match token_type_ids {
-            Some(ids) => {
-                check_same_shape("token_type_ids", ids, input_ids)?;
-                check_ids("token_type_ids", ids, self.token_type_embeddings.rows())?;
-                self.token_type_embeddings.forward(ids)?
-            }
+            Some(ids) => self.token_type_embeddings.forward(ids)?,
             // Every row of an all-zero type tensor is row 0 of the table: broadcast it.
             None => self
                 .token_type_embeddings
@@ -94,20 +85,10 @@ impl BertEmbeddings {
 
         if self.position_embedding_type == PositionEmbeddingType::Absolute {
             let positions = match position_ids {
-                Some(ids) => {
-                    check_ids("position_ids", ids, max_positions)?;
-                    let ids = match ids.dims() {
-                        [1, s] if *s == seq => ids.broadcast_as((batch, seq))?,
-                        [b, s] if *b == batch && *s == seq => ids.clone(),
-                        other => {
-                            return Err(Error::input(format!(
-                                "position_ids must be [batch, seq] or [1, seq] = \
-                                 [{batch}, {seq}], got {other:?}"
-                            )))
-                        }
-                    };
-                    self.position_embeddings.forward(&ids.contiguous()?)?
-                }
+                // [1, seq] or [batch, seq] (`check_ids`).
+                Some(ids) => self
+                    .position_embeddings
+                    .forward(&ids.broadcast_as((batch, seq))?.contiguous()?)?,
                 None => self
                     .position_embeddings
                     .weight()
@@ -121,9 +102,10 @@ impl BertEmbeddings {
         Ok(self.dropout.forward(&embeddings, train)?)
     }
 
-    /// The checks [`BertEmbeddings::forward`] makes of the token, segment and position ids,
-    /// on their own: for callers that embed only some positions of a batch (a padding-free
-    /// pass) and must refuse what the whole batch would have refused.
+    /// The checks [`BertEmbeddings::forward`] makes of the token, segment and position ids
+    /// (these only where absolute positions read them): shapes, integer dtypes, every id
+    /// inside its table. Public for callers that embed only some positions of a batch (a
+    /// padding-free pass) and must refuse what the whole batch would have refused.
     pub fn check_ids(
         &self,
         input_ids: &Tensor,
@@ -141,7 +123,8 @@ impl BertEmbeddings {
             check_same_shape("token_type_ids", ids, input_ids)?;
             check_ids("token_type_ids", ids, self.token_type_embeddings.rows())?;
         }
-        if let Some(ids) = position_ids {
+        let absolute = self.position_embedding_type == PositionEmbeddingType::Absolute;
+        if let Some(ids) = position_ids.filter(|_| absolute) {
             if ids.dims() != [1, seq] && ids.dims() != [batch, seq] {
                 return Err(Error::input(format!(
                     "position_ids must be [batch, seq] or [1, seq] = [{batch}, {seq}], got {:?}",

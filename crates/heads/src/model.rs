@@ -126,16 +126,12 @@ impl BertModel {
                 }
             }
         }
-        let embedded = self.embeddings.forward(
+        let embedded = self.embed(
             inputs.input_ids,
             inputs.token_type_ids,
             inputs.position_ids,
-            options.train,
+            options,
         )?;
-        let embedded = match options.compute_dtype {
-            Some(dtype) if dtype != embedded.dtype() => embedded.to_dtype(dtype)?,
-            _ => embedded,
-        };
         let encoded = self
             .encoder
             .forward(&embedded, inputs.attention_mask, options)?;
@@ -154,6 +150,23 @@ impl BertModel {
 }
 
 impl BertModel {
+    /// The embeddings' output, in the compute dtype the layers after them run in.
+    fn embed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        options: &ForwardOptions,
+    ) -> Result<Tensor> {
+        let embedded =
+            self.embeddings
+                .forward(input_ids, token_type_ids, position_ids, options.train)?;
+        Ok(match options.compute_dtype {
+            Some(dtype) if dtype != embedded.dtype() => embedded.to_dtype(dtype)?,
+            _ => embedded,
+        })
+    }
+
     /// [`BertModel::forward`] over the real tokens of `packed`'s sequences only: the inputs
     /// are gathered into packed rows, the layers run over them, and the outputs are put back
     /// into the batch's grid with zeros at the padded positions.
@@ -187,16 +200,12 @@ impl BertModel {
             }
             None => packed.positions()?,
         };
-        let embedded = self.embeddings.forward(
+        let embedded = self.embed(
             &input_ids,
             token_type_ids.as_ref(),
             Some(&position_ids),
-            options.train,
+            options,
         )?;
-        let embedded = match options.compute_dtype {
-            Some(dtype) if dtype != embedded.dtype() => embedded.to_dtype(dtype)?,
-            _ => embedded,
-        };
         let encoded = self.encoder.forward_packed(&embedded, packed, options)?;
         let last_hidden_state = packed.unpack(&encoded.last_hidden_state)?;
         let hidden_states = encoded

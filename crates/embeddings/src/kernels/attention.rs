@@ -483,10 +483,7 @@ impl AttentionOp {
         let Some(starts) = &self.starts else {
             return Ok(());
         };
-        let runs = starts.first() == Some(&0)
-            && starts.last() == Some(&rows)
-            && starts.windows(2).all(|w| w[0] < w[1]);
-        if !runs {
+        if !starts_cover(starts, rows) {
             candle_core::bail!("bert-attention: sequence starts do not cover {rows} rows")
         }
         if self.bias.is_some() || self.dropout.is_some() || self.keep_probs {

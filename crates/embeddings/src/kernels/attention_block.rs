@@ -45,12 +45,10 @@ impl AttentionBlockOp {
             && self.output.fits(hidden)
             && x.len() == batch * seq * hidden
             && self.mask.as_ref().is_none_or(|m| m.len() == batch * seq)
-            && self.starts.as_ref().is_none_or(|s| {
-                self.mask.is_none()
-                    && s.first() == Some(&0)
-                    && s.last() == Some(&(batch * seq))
-                    && s.windows(2).all(|w| w[0] < w[1])
-            });
+            && self
+                .starts
+                .as_ref()
+                .is_none_or(|s| self.mask.is_none() && starts_cover(s, batch * seq));
         if !consistent {
             candle_core::bail!(
                 "bert-attention-block: input of {} floats for [{batch}, {seq}, {hidden}] with {} \

@@ -226,6 +226,14 @@ fn filled<T: Copy>(n: usize, value: T) -> Vec<T> {
     out
 }
 
+/// Whether packed sequences' first rows (`starts`, then the row count) cover `rows` rows in
+/// runs of at least one: what the kernels taking packed rows index by.
+fn starts_cover(starts: &[usize], rows: usize) -> bool {
+    starts.first() == Some(&0)
+        && starts.last() == Some(&rows)
+        && starts.windows(2).all(|w| w[0] < w[1])
+}
+
 /// A `len`-float output written by `tasks` parallel tasks over consecutive ranges that cover it
 /// (`ranges(i)` for task `i`, in order: checked), each range zeroed on its own task's thread
 /// just before `fill` gets it. Zero-filling the whole output on the calling thread first
