@@ -134,6 +134,7 @@ pub mod cuda_emulation {
         #[allow(clippy::too_many_arguments)]
         fn emulated_flash_attention(
             qkv: *const f32,
+            projection_bias: *const f32,
             bias: *const f32,
             starts: *const i32,
             out: *mut f32,
@@ -146,29 +147,33 @@ pub mod cuda_emulation {
     }
 
     /// The kernel's context `[batch, seq, heads * head_dim]` (flat) for the packed
-    /// `qkv: [batch, seq, 3 * heads * head_dim]` and an optional `[batch, seq]` key bias, with
-    /// the scale `1 / sqrt(head_dim)`; `None` for a head size the kernel is not built for.
+    /// `qkv: [batch, seq, 3 * heads * head_dim]` plus the optional `projection_bias`
+    /// (`[3 * heads * head_dim]`, added to every row as the kernel loads it) and an optional
+    /// `[batch, seq]` key bias, with the scale `1 / sqrt(head_dim)`; `None` for a head size the
+    /// kernel is not built for.
     pub fn flash_attention(
         qkv: &[f32],
+        projection_bias: Option<&[f32]>,
         bias: Option<&[f32]>,
-        batch: usize,
-        seq: usize,
-        heads: usize,
-        head_dim: usize,
+        (batch, seq, heads, head_dim): (usize, usize, usize, usize),
     ) -> Option<Vec<f32>> {
         let hidden = heads * head_dim;
         assert_eq!(qkv.len(), batch * seq * 3 * hidden, "qkv size");
         if let Some(bias) = bias {
             assert_eq!(bias.len(), batch * seq, "bias size");
         }
+        if let Some(projection_bias) = projection_bias {
+            assert_eq!(projection_bias.len(), 3 * hidden, "projection bias size");
+        }
         let mut out = vec![f32::NAN; batch * seq * hidden];
         let scale = 1.0 / (head_dim as f32).sqrt();
         let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
-        // SAFETY: the sizes were checked above; the kernel reads qkv and bias within them and
-        // writes out within [batch, seq, hidden].
+        // SAFETY: the sizes were checked above; the kernel reads qkv and both biases within
+        // them and writes out within [batch, seq, hidden].
         let status = unsafe {
             emulated_flash_attention(
                 qkv.as_ptr(),
+                projection_bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
                 bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
                 std::ptr::null(),
                 out.as_mut_ptr(),
@@ -184,10 +189,11 @@ pub mod cuda_emulation {
 
     /// The kernel's context over packed, padding-free rows: `qkv` holds `lengths.iter().sum()`
     /// token rows of `3 * heads * head_dim` (sequence after sequence, no padding), as does the
-    /// returned context of `heads * head_dim`; `None` for a head size the kernel is not built
-    /// for.
+    /// returned context of `heads * head_dim`; `projection_bias` as for [`flash_attention`].
+    /// `None` for a head size the kernel is not built for.
     pub fn flash_attention_packed(
         qkv: &[f32],
+        projection_bias: Option<&[f32]>,
         lengths: &[usize],
         heads: usize,
         head_dim: usize,
@@ -200,14 +206,18 @@ pub mod cuda_emulation {
         }
         let rows: usize = lengths.iter().sum();
         assert_eq!(qkv.len(), rows * 3 * hidden, "qkv size");
+        if let Some(projection_bias) = projection_bias {
+            assert_eq!(projection_bias.len(), 3 * hidden, "projection bias size");
+        }
         let longest = lengths.iter().copied().max().unwrap_or(0);
         let mut out = vec![f32::NAN; rows * hidden];
         let scale = 1.0 / (head_dim as f32).sqrt();
-        // SAFETY: qkv holds the rows `starts` spans, out as many of `hidden`; `starts` holds
-        // `lengths.len() + 1` offsets; no bias.
+        // SAFETY: qkv holds the rows `starts` spans, out as many of `hidden`, the projection
+        // bias `3 * hidden`; `starts` holds `lengths.len() + 1` offsets; no key bias.
         let status = unsafe {
             emulated_flash_attention(
                 qkv.as_ptr(),
+                projection_bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
                 std::ptr::null(),
                 starts.as_ptr(),
                 out.as_mut_ptr(),

@@ -2,7 +2,8 @@
 //! CPU emulation of `tests/cuda_emulation/` (f32 elements, plain loops for the tensor-core
 //! tile products), against the plain path written with candle's ops in f64. Covers one and
 //! several key tiles, partial query and key tiles, both head sizes, padded keys and no bias,
-//! and the packed (padding-free) layout of sequences of mixed lengths.
+//! the packed (padding-free) layout of sequences of mixed lengths, and the QKV projection's
+//! bias added by the kernel.
 
 use bert::bert_embeddings::nn::SplitMix64;
 use bert::{Device, Tensor};
@@ -78,12 +79,39 @@ fn the_kernel_source_matches_the_plain_path() {
                 })
                 .collect()
         });
-        let ours = flash_attention(&qkv, bias.as_deref(), batch, seq, heads, head_dim)
-            .expect("head size built");
-        let ours = Tensor::from_vec(ours, (batch, seq, heads * head_dim), &Device::Cpu).unwrap();
-        let worst = max_abs_diff(&ours, &plain_attention(&qkv, bias.as_deref(), shape));
+        let expected = plain_attention(&qkv, bias.as_deref(), shape);
+        let ours = flash_attention(&qkv, None, bias.as_deref(), shape).expect("head size built");
+        let ours = Tensor::from_vec(ours, (batch, seq, hidden), &Device::Cpu).unwrap();
+        let worst = max_abs_diff(&ours, &expected);
         assert!(worst <= 2e-5, "{shape:?} {lengths:?}: max |diff| {worst:e}");
+
+        // The projection's bias added by the kernel as it loads: the product without it, then
+        // the same context.
+        let projection_bias = random_projection_bias(&mut rng, hidden);
+        let unbiased = without_projection_bias(&qkv, &projection_bias);
+        let ours = flash_attention(&unbiased, Some(&projection_bias), bias.as_deref(), shape)
+            .expect("head size built");
+        let ours = Tensor::from_vec(ours, (batch, seq, hidden), &Device::Cpu).unwrap();
+        let worst = max_abs_diff(&ours, &expected);
+        assert!(
+            worst <= 2e-5,
+            "{shape:?} {lengths:?}, projection bias in the kernel: max |diff| {worst:e}"
+        );
     }
+}
+
+/// A bias of the QKV projection, `3 * hidden` values.
+fn random_projection_bias(rng: &mut SplitMix64, hidden: usize) -> Vec<f32> {
+    (0..3 * hidden).map(|_| rng.next_normal() as f32).collect()
+}
+
+/// `qkv` rows minus the projection's bias: the product the kernel is given when it adds the
+/// bias itself.
+fn without_projection_bias(qkv: &[f32], projection_bias: &[f32]) -> Vec<f32> {
+    qkv.iter()
+        .zip(projection_bias.iter().cycle())
+        .map(|(x, b)| x - b)
+        .collect()
 }
 
 /// Packed rows: every sequence, wherever it starts, gets the context it gets alone (the plain
@@ -105,28 +133,42 @@ fn packed_sequences_match_each_sequence_alone() {
         let qkv: Vec<f32> = (0..rows * 3 * hidden)
             .map(|_| (2.0 * rng.next_normal()) as f32)
             .collect();
-        let ours = flash_attention_packed(&qkv, lengths, heads, head_dim).expect("head size built");
-        let mut start = 0;
-        for &length in lengths {
-            let own = &qkv[start * 3 * hidden..(start + length) * 3 * hidden];
-            let expected = plain_attention(own, None, (1, length, heads, head_dim));
-            let got = Tensor::from_slice(
-                &ours[start * hidden..(start + length) * hidden],
-                (1, length, hidden),
-                &Device::Cpu,
-            )
-            .unwrap();
-            let worst = max_abs_diff(&got, &expected);
-            assert!(
-                worst <= 2e-5,
-                "{lengths:?}, the one at row {start}: max |diff| {worst:e}"
-            );
-            start += length;
+        let projection_bias = random_projection_bias(&mut rng, hidden);
+        let unbiased = without_projection_bias(&qkv, &projection_bias);
+        let runs = [
+            (
+                "no projection bias",
+                flash_attention_packed(&qkv, None, lengths, heads, head_dim),
+            ),
+            (
+                "projection bias in the kernel",
+                flash_attention_packed(&unbiased, Some(&projection_bias), lengths, heads, head_dim),
+            ),
+        ];
+        for (run, ours) in runs {
+            let ours = ours.expect("head size built");
+            let mut start = 0;
+            for &length in lengths {
+                let own = &qkv[start * 3 * hidden..(start + length) * 3 * hidden];
+                let expected = plain_attention(own, None, (1, length, heads, head_dim));
+                let got = Tensor::from_slice(
+                    &ours[start * hidden..(start + length) * hidden],
+                    (1, length, hidden),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let worst = max_abs_diff(&got, &expected);
+                assert!(
+                    worst <= 2e-5,
+                    "{lengths:?}, {run}, the one at row {start}: max |diff| {worst:e}"
+                );
+                start += length;
+            }
         }
     }
 }
 
 #[test]
 fn other_head_sizes_are_refused() {
-    assert!(flash_attention(&[0.0; 3 * 48], None, 1, 1, 1, 48).is_none());
+    assert!(flash_attention(&[0.0; 3 * 48], None, None, (1, 1, 1, 48)).is_none());
 }

@@ -18,7 +18,8 @@
 //! kernels against the model on the plain path (f32 within [`F32_LIMIT`], f16/bf16 cosine >=
 //! [`HALF_COSINE`]); the epilogue kernels alone (bias + GELU, bias + residual + LayerNorm) on
 //! random inputs against the CPU in f32 on the same values; and, where the build has it, the
-//! fused attention kernel alone (both head sizes it is built for, a padded sequence) against
+//! fused attention kernel alone (both head sizes it is built for: a padded sequence, and
+//! packed rows of four sequences after a QKV projection whose bias the kernel adds) against
 //! the CPU's exact f32 attention on the same inputs. Kernel-alone checks: f32 within
 //! [`F32_LIMIT`], f16/bf16 cosine >= [`KERNEL_COSINE`].
 //!
@@ -376,29 +377,41 @@ fn attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Res
     kernel_check(name, dtype, &kernel, &exact)
 }
 
-/// The GPU attention kernel over packed rows: sequences of 100, 40, 1 and 65 tokens (one,
-/// two and a partial block of 64 queries) on random inputs in `dtype`, against the CPU's f32
-/// attention over the same rows.
+/// The GPU attention kernel over packed rows, from the layer input through a fused QKV
+/// projection whose bias the kernel adds as it loads (`fused_qkv_attention`): sequences of
+/// 100, 40, 1 and 65 tokens (one, two and a partial block of 64 queries) on random inputs in
+/// `dtype`, against the CPU's f32 projection and attention over the same rows.
 fn packed_attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Result<Check> {
-    use bert_embeddings::nn::{fused_attention_packed, PackedSequences, SplitMix64};
+    use bert_embeddings::nn::{
+        fused_qkv_attention, Linear, PackedSequences, QkvAttention, SplitMix64,
+    };
     let (lengths, heads) = ([100, 40, 1, 65], 12);
     let tokens: usize = lengths.iter().sum();
+    let hidden = heads * head_dim;
     let mut rng = SplitMix64(1000 + head_dim as u64);
-    let values: Vec<f32> = (0..tokens * 3 * heads * head_dim)
-        .map(|_| (2.0 * rng.next_normal()) as f32)
-        .collect();
-    let qkv = Tensor::from_vec(values, (1, tokens, 3 * heads * head_dim), &Device::Cpu)?
-        .to_dtype(dtype)?;
-    let attend = |qkv: &Tensor| -> Result<Tensor> {
-        let packed = PackedSequences::new(&lengths, 100, qkv.device())?;
-        let (context, _) =
-            fused_attention_packed(qkv, heads, &packed, false)?.ok_or_else(|| {
-                Error::SelfTest(format!("no packed attention for {:?}", qkv.device()))
-            })?;
-        Ok(context)
+    let mut random = |shape: &[usize], scale: f64| -> Result<Tensor> {
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|_| (scale * rng.next_normal()) as f32)
+            .collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)
     };
-    let exact = attend(&qkv.to_dtype(DType::F32)?)?;
-    let kernel = attend(&qkv.to_device(device)?)?;
+    // Projections of about 2 standard deviations, as trained BERT's are: peaked softmax rows.
+    let x = random(&[1, tokens, hidden], 1.0)?;
+    let weight = random(&[3 * hidden, hidden], 2.0 / (hidden as f64).sqrt())?;
+    let bias = random(&[3 * hidden], 1.0)?;
+    let attend = |device: &Device, dtype: DType| -> Result<Tensor> {
+        let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+        let qkv = Linear::new(on(&weight)?, Some(on(&bias)?));
+        let packed = PackedSequences::new(&lengths, 100, device)?;
+        match fused_qkv_attention(&on(&x)?, &qkv, heads, &packed, false)? {
+            QkvAttention::Attended { context, .. } => Ok(context),
+            QkvAttention::Projected(_) => Err(Error::SelfTest(format!(
+                "no packed attention for {device:?} in {dtype:?}"
+            ))),
+        }
+    };
+    let exact = attend(&Device::Cpu, DType::F32)?;
+    let kernel = attend(device, dtype)?;
     let name = format!("{dtype:?} packed attention kernel d{head_dim} vs exact").to_lowercase();
     kernel_check(name, dtype, &kernel, &exact)
 }

@@ -5,12 +5,11 @@
 //! on the CPU by the test suite (`tests/cuda_emulation/`) and on a GPU by `bert selftest
 //! --device cuda`, against the plain path.
 
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Storage, Tensor};
+use candle_core::{CudaDevice, DType, Tensor};
+
+use crate::cuda_launch::{to_i32, wrap, Held};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogues.ptx"));
 const MODULE: &str = "bert_epilogues";
@@ -36,38 +35,6 @@ fn kernel_name(base: &str, dtype: DType) -> String {
     format!("{base}_{}", format!("{dtype:?}").to_lowercase())
 }
 
-/// A tensor's CUDA storage, held for reading while a kernel is launched on it.
-struct Held<'a> {
-    storage: candle_core::StorageRef<'a>,
-    layout: &'a Layout,
-}
-
-impl<'a> Held<'a> {
-    fn new(t: &'a Tensor) -> Self {
-        let (storage, layout) = t.storage_and_layout();
-        Self { storage, layout }
-    }
-
-    fn cuda(&self) -> candle_core::Result<&CudaStorage> {
-        match &*self.storage {
-            Storage::Cuda(cuda) => Ok(cuda),
-            _ => candle_core::bail!("epilogue kernels: a tensor is not on CUDA"),
-        }
-    }
-
-    /// The elements as a view, from the layout's start (the tensor is contiguous).
-    fn view<T: CudaDType>(&self) -> candle_core::Result<CudaView<'_, T>> {
-        let Some((start, end)) = self.layout.contiguous_offsets() else {
-            candle_core::bail!("epilogue kernels: inputs must be contiguous")
-        };
-        Ok(self.cuda()?.as_cuda_slice::<T>()?.slice(start..end))
-    }
-}
-
-fn to_i32(n: usize) -> candle_core::Result<i32> {
-    i32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{n} exceeds i32")))
-}
-
 fn grid(blocks: usize) -> candle_core::Result<LaunchConfig> {
     let blocks = u32::try_from(blocks)
         .ok()
@@ -78,16 +45,6 @@ fn grid(blocks: usize) -> candle_core::Result<LaunchConfig> {
         block_dim: (THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     })
-}
-
-/// A fresh tensor of `shape` (contiguous, no gradient) around `out`.
-fn wrap<T: CudaDType>(
-    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    device: &CudaDevice,
-    shape: &[usize],
-) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
 
 /// `gelu(x + bias)` (erf form) for `x: [.., cols]` and `bias: [cols]` on CUDA; `None` where the

@@ -8,6 +8,8 @@ pub mod config;
 mod cuda_attention;
 #[cfg(feature = "cuda")]
 mod cuda_epilogues;
+#[cfg(feature = "cuda")]
+mod cuda_launch;
 pub mod embeddings;
 pub mod error;
 mod kernels;

@@ -7,8 +7,8 @@ use candle_nn::VarBuilder;
 
 use bert_embeddings::nn::{
     attention_probabilities, compute_dtype, fused_attention, fused_attention_block,
-    fused_attention_packed, join_path, AttentionMask, Dropout, Embedding, LayerNorm, Linear,
-    NamedLinears, PackedSequences,
+    fused_qkv_attention, join_path, AttentionMask, Dropout, Embedding, LayerNorm, Linear,
+    NamedLinears, PackedSequences, QkvAttention,
 };
 use bert_embeddings::{Config, PositionEmbeddingType, Result};
 
@@ -147,11 +147,16 @@ impl BertSelfAttention {
         }
         let (q, k, v) = match &self.qkv {
             Some(qkv) if !train => {
-                let packed = qkv.forward_t(hidden_states, false)?;
-                let fused = fused_attention_packed(&packed, self.num_heads, mask, want_probs)?;
-                if let Some((context, probs)) = fused {
-                    return Ok((context, probs));
-                }
+                let packed = match fused_qkv_attention(
+                    hidden_states,
+                    qkv,
+                    self.num_heads,
+                    mask,
+                    want_probs,
+                )? {
+                    QkvAttention::Attended { context, probs } => return Ok((context, probs)),
+                    QkvAttention::Projected(packed) => packed,
+                };
                 let width = packed.dim(2)? / 3;
                 (
                     packed.narrow(2, 0, width)?,

@@ -13,6 +13,10 @@
 // 2r + 1 share row r, each taking half of the row's keys (softmax) and of its columns
 // (rescaling and writing the output).
 //
+// `projection_bias` (may be null) is the QKV projection's bias, [3 * hidden] in the columns'
+// order: the projection then runs without it and each tile adds it as it loads (f32
+// arithmetic, one rounding), which saves a pass over the [tokens, 3 * hidden] product.
+//
 // Two layouts of the sequences. Padded (`starts` null): sequence z is rows z * seq .. of a
 // [batch, seq] grid, and `bias` is BERT's additive padding mask, one f32 per key of each
 // sequence (0 or f32::MIN, as transformers' get_extended_attention_mask), shared by heads and
@@ -48,6 +52,8 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) {
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // s[16 x BLOCK_KEYS] = q[16 x D] k[BLOCK_KEYS x D]^T; row-major, leading dimensions D, D and
 // BLOCK_KEYS. Warp-collective.
@@ -94,27 +100,41 @@ __device__ __forceinline__ void context_tile(const T* p, const T* v, float* o) {
 #endif
 
 // rows x D elements of tokens first.. (stride row_stride elements) into dst (leading dimension
-// D), 16 bytes per load; tokens at or past seq read as zeros. Block-collective.
+// D), 16 bytes per load, plus bias[column] where bias is given; tokens at or past seq read as
+// zeros. Block-collective.
 template <typename T, int D>
-__device__ __forceinline__ void load_rows(T* dst, const T* src, int first, int rows, int seq,
-                                          int row_stride) {
+__device__ __forceinline__ void load_rows(T* dst, const T* src, const T* bias, int first,
+                                          int rows, int seq, int row_stride) {
   constexpr int CHUNK = 16 / sizeof(T);
   constexpr int CHUNKS_PER_ROW = D / CHUNK;
   for (int i = threadIdx.x; i < rows * CHUNKS_PER_ROW; i += THREADS) {
     const int row = i / CHUNKS_PER_ROW;
     const int column = (i % CHUNKS_PER_ROW) * CHUNK;
     const int token = first + row;
-    uint4 value = make_uint4(0, 0, 0, 0);
+    union Vector {
+      uint4 raw;
+      T element[CHUNK];
+    } value, added;
+    value.raw = make_uint4(0, 0, 0, 0);
     if (token < seq) {
-      value = *reinterpret_cast<const uint4*>(src + (size_t)token * row_stride + column);
+      value.raw = *reinterpret_cast<const uint4*>(src + (size_t)token * row_stride + column);
+      if (bias) {
+        added.raw = *reinterpret_cast<const uint4*>(bias + column);
+#pragma unroll
+        for (int e = 0; e < CHUNK; ++e) {
+          const float sum = to_float(value.element[e]) + to_float(added.element[e]);
+          value.element[e] = from_float<T>(sum);
+        }
+      }
     }
-    *reinterpret_cast<uint4*>(dst + row * D + column) = value;
+    *reinterpret_cast<uint4*>(dst + row * D + column) = value.raw;
   }
 }
 
 // One block: queries blockIdx.x * BLOCK_QUERIES .. of head blockIdx.y of sequence blockIdx.z.
 template <typename T, int D>
 __device__ __forceinline__ void attention(const T* __restrict__ qkv,
+                                          const T* __restrict__ projection_bias,
                                           const float* __restrict__ bias,
                                           const int* __restrict__ starts, T* __restrict__ out,
                                           int seq, int heads, float scale) {
@@ -144,7 +164,11 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
   __shared__ float partials[WARPS][32];
 
   const T* tokens = qkv + (size_t)start * row_stride + head * D;
-  load_rows<T, D>(q_tile, tokens, first_query, BLOCK_QUERIES, seq, row_stride);
+  // The head's query, key and value columns of the projection's bias.
+  const T* q_bias = projection_bias ? projection_bias + head * D : nullptr;
+  const T* k_bias = projection_bias ? q_bias + hidden : nullptr;
+  const T* v_bias = projection_bias ? q_bias + 2 * hidden : nullptr;
+  load_rows<T, D>(q_tile, tokens, q_bias, first_query, BLOCK_QUERIES, seq, row_stride);
   float* o_tile = o_tiles[warp];
   for (int i = lane; i < ROWS_PER_WARP * D; i += 32) o_tile[i] = 0.0f;
 
@@ -159,8 +183,9 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
 
   for (int first_key = 0; first_key < seq; first_key += BLOCK_KEYS) {
     __syncthreads();  // every warp is done with the previous tile's keys and values
-    load_rows<T, D>(k_tile, tokens + hidden, first_key, BLOCK_KEYS, seq, row_stride);
-    load_rows<T, D>(v_tile, tokens + 2 * hidden, first_key, BLOCK_KEYS, seq, row_stride);
+    load_rows<T, D>(k_tile, tokens + hidden, k_bias, first_key, BLOCK_KEYS, seq, row_stride);
+    load_rows<T, D>(v_tile, tokens + 2 * hidden, v_bias, first_key, BLOCK_KEYS, seq,
+                    row_stride);
     for (int j = threadIdx.x; j < BLOCK_KEYS; j += THREADS) {
       const int key = first_key + j;
       key_bias[j] = key >= seq ? -INFINITY : key_biases ? key_biases[key] : 0.0f;
@@ -215,9 +240,9 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
 // Launch with grid (ceil(seq / 64), heads, batch) and 128 threads; no dynamic shared memory.
 #define BERT_FLASH_ATTENTION(NAME, T, D)                                                      \
   extern "C" __global__ void __launch_bounds__(bert_flash::THREADS)                          \
-      NAME(const T* qkv, const float* bias, const int* starts, T* out, int seq, int heads,    \
-           float scale) {                                                                     \
-    bert_flash::attention<T, D>(qkv, bias, starts, out, seq, heads, scale);                   \
+      NAME(const T* qkv, const T* projection_bias, const float* bias, const int* starts,      \
+           T* out, int seq, int heads, float scale) {                                         \
+    bert_flash::attention<T, D>(qkv, projection_bias, bias, starts, out, seq, heads, scale);  \
   }
 
 BERT_FLASH_ATTENTION(flash_attention_f16_d32, __half, 32)

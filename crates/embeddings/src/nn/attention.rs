@@ -136,7 +136,7 @@ pub fn fused_attention_packed<'m>(
     }
     #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
     if !want_probs && gpu_fused_kernels() {
-        if let Some(context) = crate::cuda_attention::packed_attention(qkv, heads, mask)? {
+        if let Some(context) = crate::cuda_attention::packed_attention(qkv, None, heads, mask)? {
             return Ok(Some((context, None)));
         }
     }
@@ -154,6 +154,65 @@ pub fn fused_attention_packed<'m>(
         .apply_op1_no_bwd(&crate::kernels::PackedAttentionOp(op))?;
     let probs = kept_probabilities(&saved, want_probs, (batch, heads, seq, seq), qkv.device())?;
     Ok(Some((context, probs)))
+}
+
+/// What [`fused_qkv_attention`] did.
+#[derive(Debug, Clone)]
+pub enum QkvAttention {
+    /// A kernel ran the attention: the context `[batch, seq, hidden]` and, when asked for
+    /// (CPU kernels only), the probabilities `[batch, heads, seq, seq]`.
+    Attended {
+        /// The heads' context, joined: `[batch, seq, hidden]`.
+        context: Tensor,
+        /// The attention probabilities, when asked for.
+        probs: Option<Tensor>,
+    },
+    /// No kernel applies: the projection's output `[batch, seq, 3 * hidden]` (query, key and
+    /// value columns side by side), for the caller's own attention.
+    Projected(Tensor),
+}
+
+/// Inference attention from a layer's input `x: [batch, seq, in]` through its fused QKV
+/// projection `qkv` (`in -> 3 * hidden`). On CUDA, where the fused attention kernel applies
+/// (f16/bf16, the GPU kernels on, a bias and no adapter), the projection runs without its
+/// bias and the kernel adds it as it loads each tile: one pass fewer over the
+/// `[tokens, 3 * hidden]` product. Elsewhere the projection, then [`fused_attention_packed`].
+pub fn fused_qkv_attention<'m>(
+    x: &Tensor,
+    qkv: &Linear,
+    heads: usize,
+    mask: impl Into<AttentionMask<'m>>,
+    want_probs: bool,
+) -> candle_core::Result<QkvAttention> {
+    let mask = mask.into();
+    #[cfg(all(feature = "cuda", not(bert_no_flash_attention)))]
+    if let (false, true, Some(bias), Ok((batch, seq, _))) = (
+        want_probs,
+        qkv.gpu_epilogue_applies(x),
+        qkv.bias(),
+        x.dims3(),
+    ) {
+        let dims = (batch, seq, qkv.out_dim());
+        if crate::cuda_attention::applies(x.device(), x.dtype(), dims, heads, mask) {
+            let product = qkv.product_without_bias(x)?;
+            let fused = crate::cuda_attention::packed_attention(&product, Some(bias), heads, mask)?;
+            return Ok(match fused {
+                Some(context) => QkvAttention::Attended {
+                    context,
+                    probs: None,
+                },
+                // Only for inputs off the kernel's 16-byte alignment: the bias as a pass.
+                None => QkvAttention::Projected(product.broadcast_add(bias)?),
+            });
+        }
+    }
+    let projected = qkv.forward_t(x, false)?;
+    Ok(
+        match fused_attention_packed(&projected, heads, mask, want_probs)? {
+            Some((context, probs)) => QkvAttention::Attended { context, probs },
+            None => QkvAttention::Projected(projected),
+        },
+    )
 }
 
 /// BERT's attention block for inference, `norm(output(attention(qkv(x))) + x)` for `x` of

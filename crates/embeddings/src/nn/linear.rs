@@ -366,7 +366,7 @@ impl Linear {
     /// Whether this layer's inference product may end in a fused GPU epilogue: CUDA, weights
     /// in x's dtype, no adapter, nothing tracking a gradient, the kernels switched on.
     #[cfg(feature = "cuda")]
-    fn gpu_epilogue_applies(&self, x: &Tensor) -> bool {
+    pub(crate) fn gpu_epilogue_applies(&self, x: &Tensor) -> bool {
         x.device().is_cuda()
             && gpu_fused_kernels()
             && x.dtype() == self.weight.dtype()
@@ -378,7 +378,7 @@ impl Linear {
 
     /// `x W^T` over every leading dimension folded into rows (one GEMM), without the bias.
     #[cfg(feature = "cuda")]
-    fn product_without_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn product_without_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);

@@ -32,8 +32,8 @@ mod tests;
 
 pub use attention::{
     attention_probabilities, fused_attention, fused_attention_block, fused_attention_packed,
-    gpu_fused_attention_built, gpu_fused_epilogues_built, gpu_fused_kernels, set_gpu_fused_kernels,
-    softmax_last_dim,
+    fused_qkv_attention, gpu_fused_attention_built, gpu_fused_epilogues_built, gpu_fused_kernels,
+    set_gpu_fused_kernels, softmax_last_dim, QkvAttention,
 };
 pub use dropout::{seed_dropout, Dropout, SplitMix64};
 pub use embedding::Embedding;
