@@ -58,6 +58,8 @@ inline float __shfl_xor_sync(unsigned /* full mask */, float value, int lane_mas
 }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// The GPU's fast approximation; exact here (the tests' tolerance covers its few ulp).
+inline float __expf(float x) { return std::exp(x); }
 
 namespace emulation {
 // Runs body() as every thread of every block of `grid`, `threads` threads a block (a multiple

@@ -10,8 +10,8 @@
 //
 // Layout of a block: 4 warps, 64 queries of one (sequence, head); each warp owns 16 query rows,
 // its own score, probability and output tiles in shared memory. Within a warp, lanes 2r and
-// 2r + 1 share row r, each taking half of the row's keys (softmax) and of its columns
-// (rescaling and writing the output).
+// 2r + 1 share row r for the softmax, each taking half of the row's keys; rescaling and
+// writing the output go row by row, a column a lane.
 //
 // `projection_bias` (may be null) is the QKV projection's bias, [3 * hidden] in the columns'
 // order: the projection then runs without it and each tile adds it as it loads (f32
@@ -43,6 +43,7 @@ constexpr int THREADS = WARPS * 32;
 constexpr int ROWS_PER_WARP = 16;
 constexpr int BLOCK_QUERIES = WARPS * ROWS_PER_WARP;
 constexpr int BLOCK_KEYS = 32;
+constexpr int HALF_KEYS = BLOCK_KEYS / 2;  // a lane's share of a score row
 
 #ifdef __CUDACC__
 template <typename T> __device__ __forceinline__ T from_float(float x);
@@ -162,6 +163,8 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
   __shared__ float key_bias[BLOCK_KEYS];
   // Each lane's partial maximum or sum, read by its partner lane (lane ^ 1).
   __shared__ float partials[WARPS][32];
+  // Per row of each warp's queries: the tile's rescaling of the output, at the end 1 / sum.
+  __shared__ float row_factor[WARPS][ROWS_PER_WARP];
 
   const T* tokens = qkv + (size_t)start * row_stride + head * D;
   // The head's query, key and value columns of the projection's bias.
@@ -174,10 +177,9 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
 
   const int row = lane / 2;
   const int half = lane % 2;
-  float* s_row = s_tiles[warp] + row * BLOCK_KEYS + half * (BLOCK_KEYS / 2);
-  T* p_row = p_tiles[warp] + row * BLOCK_KEYS + half * (BLOCK_KEYS / 2);
-  const float* bias_half = key_bias + half * (BLOCK_KEYS / 2);
-  float* o_row = o_tile + row * D + half * (D / 2);
+  float* s_row = s_tiles[warp] + row * BLOCK_KEYS + half * HALF_KEYS;
+  T* p_row = p_tiles[warp] + row * BLOCK_KEYS + half * HALF_KEYS;
+  const float* bias_half = key_bias + half * HALF_KEYS;
   float row_max = -INFINITY;
   float row_sum = 0.0f;
 
@@ -195,9 +197,16 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
     scores_tile<T, D>(q_tile + warp * ROWS_PER_WARP * D, k_tile, s_tiles[warp]);
     __syncwarp();
 
+    // Each lane walks its half row from column `row` on (mod HALF_KEYS): the rows start on
+    // the same bank (a row is 32 floats), so in step the 32 lanes would hit two banks (a
+    // 16-way conflict on every access); rotated, they hit 32. Unrolled by 4 only: fully
+    // unrolled, the compiler hoists all 16 rotated addresses and a d32 build needs 116
+    // registers instead of 72 (ptxas -v), which would cut the blocks an SM holds from 7 to 4.
     // The tile's maximum of this row: this lane's half, then its partner's.
     float tile_max = -INFINITY;
-    for (int j = 0; j < BLOCK_KEYS / 2; ++j) {
+#pragma unroll 4
+    for (int i = 0; i < HALF_KEYS; ++i) {
+      const int j = (i + row) % HALF_KEYS;
       const float x = s_row[j] * scale + bias_half[j];
       s_row[j] = x;
       tile_max = fmaxf(tile_max, x);
@@ -207,10 +216,14 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
     tile_max = fmaxf(tile_max, partials[warp][lane ^ 1]);
     // Finite: the tile's first key is a real one, and its row pair covers it.
     const float new_max = fmaxf(row_max, tile_max);
-    const float correction = expf(row_max - new_max);  // 0 on the first tile
+    // __expf: the hardware's exp2 approximation (a few ulp of f32), far below the f16/bf16
+    // rounding of the probabilities; libm's expf costs several times the instructions.
+    const float correction = __expf(row_max - new_max);  // 0 on the first tile
     float part = 0.0f;
-    for (int j = 0; j < BLOCK_KEYS / 2; ++j) {
-      const float p = expf(s_row[j] - new_max);
+#pragma unroll 4
+    for (int i = 0; i < HALF_KEYS; ++i) {
+      const int j = (i + row) % HALF_KEYS;
+      const float p = __expf(s_row[j] - new_max);
       p_row[j] = from_float<T>(p);
       part += p;
     }
@@ -219,18 +232,26 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
     __syncwarp();
     row_sum = row_sum * correction + part + partials[warp][lane ^ 1];
     row_max = new_max;
-    for (int c = 0; c < D / 2; ++c) o_row[c] *= correction;
+    if (half == 0) row_factor[warp][row] = correction;
+    __syncwarp();
+    // Rescale the output rows, each lane taking consecutive columns (conflict-free).
+    for (int i = lane; i < ROWS_PER_WARP * D; i += 32) o_tile[i] *= row_factor[warp][i / D];
     __syncwarp();
 
     context_tile<T, D>(p_tiles[warp], v_tile, o_tile);
     __syncwarp();
   }
 
-  const int query = first_query + warp * ROWS_PER_WARP + row;
-  if (query < seq) {
-    const float inverse = 1.0f / row_sum;
-    T* dst = out + ((size_t)start + query) * hidden + head * D + half * (D / 2);
-    for (int c = 0; c < D / 2; ++c) dst[c] = from_float<T>(o_row[c] * inverse);
+  // Normalise and write, consecutive lanes on consecutive columns of a row.
+  if (half == 0) row_factor[warp][row] = 1.0f / row_sum;
+  __syncwarp();
+  for (int i = lane; i < ROWS_PER_WARP * D; i += 32) {
+    const int r = i / D;
+    const int query = first_query + warp * ROWS_PER_WARP + r;
+    if (query < seq) {
+      T* dst = out + ((size_t)start + query) * hidden + head * D + i % D;
+      *dst = from_float<T>(o_tile[i] * row_factor[warp][r]);
+    }
   }
 }
 
