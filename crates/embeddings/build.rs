@@ -43,19 +43,27 @@ fn main() {
     compile(cap, ATTENTION, &out.join("flash_attention.ptx"));
 }
 
-/// `nvcc --ptx` of `source` for `sm_{cap}` into `ptx`.
+/// `nvcc --ptx` of `source` for `sm_{cap}` into `ptx`, then `--cubin` beside it: the PTX is
+/// what ships (the driver compiles it when the kernels load), but only ptxas, which the cubin
+/// build runs, checks a kernel's resources (static shared memory over 48 KiB, for one), so a
+/// kernel that would fail to load on the GPU fails the build here instead.
 fn compile(cap: u32, source: &str, ptx: &Path) {
     let nvcc = std::env::var_os("NVCC")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("CUDA_HOME").map(|home| PathBuf::from(home).join("bin/nvcc")))
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("--gpu-architecture=sm_{cap}"))
-        .arg("-o")
-        .arg(ptx)
-        .arg(source)
-        .status()
-        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on {source}");
+    for (mode, output) in [
+        ("--ptx", ptx.to_path_buf()),
+        ("--cubin", ptx.with_extension("cubin")),
+    ] {
+        let status = Command::new(&nvcc)
+            .args([mode, "-O3", "-std=c++17"])
+            .arg(format!("--gpu-architecture=sm_{cap}"))
+            .arg("-o")
+            .arg(&output)
+            .arg(source)
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+        assert!(status.success(), "nvcc {mode} failed on {source}");
+    }
 }

@@ -26,8 +26,8 @@ void scores_tile(const T* q, const T* k, float* s) {
   for (int m = 0; m < ROWS_PER_WARP; ++m)
     for (int n = 0; n < BLOCK_KEYS; ++n) {
       float dot = 0.0f;
-      for (int d = 0; d < D; ++d) dot += q[m * D + d] * k[n * D + d];
-      s[m * BLOCK_KEYS + n] = dot;
+      for (int d = 0; d < D; ++d) dot += q[m * QKV_LD<D> + d] * k[n * QKV_LD<D> + d];
+      s[m * S_LD + n] = dot;
     }
 }
 
@@ -36,9 +36,9 @@ void context_tile(const T* p, const T* v, float* o) {
   if (threadIdx.x % 32 != 0) return;
   for (int m = 0; m < ROWS_PER_WARP; ++m)
     for (int n = 0; n < D; ++n) {
-      float sum = o[m * D + n];
-      for (int k = 0; k < BLOCK_KEYS; ++k) sum += p[m * BLOCK_KEYS + k] * v[k * D + n];
-      o[m * D + n] = sum;
+      float sum = o[m * O_LD<D> + n];
+      for (int k = 0; k < BLOCK_KEYS; ++k) sum += p[m * P_LD + k] * v[k * QKV_LD<D> + n];
+      o[m * O_LD<D> + n] = sum;
     }
 }
 }  // namespace bert_flash

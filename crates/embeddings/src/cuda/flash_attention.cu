@@ -44,6 +44,16 @@ constexpr int ROWS_PER_WARP = 16;
 constexpr int BLOCK_QUERIES = WARPS * ROWS_PER_WARP;
 constexpr int BLOCK_KEYS = 32;
 constexpr int HALF_KEYS = BLOCK_KEYS / 2;  // a lane's share of a score row
+// Leading dimensions of the shared tiles, padded so that rows do not all start on the same
+// bank, which the tensor-core tile loads and stores read and write rows at a time: query,
+// key and value rows (T) by 8 elements (16 bytes), output rows (f32, loaded and stored
+// twice per key tile) by 4. Score and probability rows (one tile store or load of each per
+// key tile) stay unpadded: the d64 build's static shared memory is then 49024 bytes of the
+// 49152 allowed, and the softmax loops' rotated walk is conflict-free on them.
+template <int D> constexpr int QKV_LD = D + 8;
+constexpr int S_LD = BLOCK_KEYS;
+constexpr int P_LD = BLOCK_KEYS;
+template <int D> constexpr int O_LD = D + 4;
 
 #ifdef __CUDACC__
 template <typename T> __device__ __forceinline__ T from_float(float x);
@@ -56,8 +66,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// s[16 x BLOCK_KEYS] = q[16 x D] k[BLOCK_KEYS x D]^T; row-major, leading dimensions D, D and
-// BLOCK_KEYS. Warp-collective.
+// s[16 x BLOCK_KEYS] = q[16 x D] k[BLOCK_KEYS x D]^T; row-major, leading dimensions QKV_LD,
+// QKV_LD and S_LD. Warp-collective.
 template <typename T, int D>
 __device__ __forceinline__ void scores_tile(const T* q, const T* k, float* s) {
   using namespace nvcuda;
@@ -68,40 +78,41 @@ __device__ __forceinline__ void scores_tile(const T* q, const T* k, float* s) {
 #pragma unroll
     for (int d = 0; d < D; d += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      // Column-major B(d', n') = k[(n + n') * D + d + d']: the keys' rows are K^T's columns.
+      // Column-major B(d', n') = k[(n + n') * QKV_LD + d + d']: the keys' rows are K^T's
+      // columns.
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-      wmma::load_matrix_sync(a, q + d, D);
-      wmma::load_matrix_sync(b, k + n * D + d, D);
+      wmma::load_matrix_sync(a, q + d, QKV_LD<D>);
+      wmma::load_matrix_sync(b, k + n * QKV_LD<D> + d, QKV_LD<D>);
       wmma::mma_sync(acc, a, b, acc);
     }
-    wmma::store_matrix_sync(s + n, acc, BLOCK_KEYS, wmma::mem_row_major);
+    wmma::store_matrix_sync(s + n, acc, S_LD, wmma::mem_row_major);
   }
 }
 
-// o[16 x D] += p[16 x BLOCK_KEYS] v[BLOCK_KEYS x D]; row-major, leading dimensions D,
-// BLOCK_KEYS and D. Warp-collective.
+// o[16 x D] += p[16 x BLOCK_KEYS] v[BLOCK_KEYS x D]; row-major, leading dimensions O_LD,
+// P_LD and QKV_LD. Warp-collective.
 template <typename T, int D>
 __device__ __forceinline__ void context_tile(const T* p, const T* v, float* o) {
   using namespace nvcuda;
 #pragma unroll
   for (int n = 0; n < D; n += 16) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::load_matrix_sync(acc, o + n, D, wmma::mem_row_major);
+    wmma::load_matrix_sync(acc, o + n, O_LD<D>, wmma::mem_row_major);
 #pragma unroll
     for (int k = 0; k < BLOCK_KEYS; k += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-      wmma::load_matrix_sync(a, p + k, BLOCK_KEYS);
-      wmma::load_matrix_sync(b, v + k * D + n, D);
+      wmma::load_matrix_sync(a, p + k, P_LD);
+      wmma::load_matrix_sync(b, v + k * QKV_LD<D> + n, QKV_LD<D>);
       wmma::mma_sync(acc, a, b, acc);
     }
-    wmma::store_matrix_sync(o + n, acc, D, wmma::mem_row_major);
+    wmma::store_matrix_sync(o + n, acc, O_LD<D>, wmma::mem_row_major);
   }
 }
 #endif
 
 // rows x D elements of tokens first.. (stride row_stride elements) into dst (leading dimension
-// D), 16 bytes per load, plus bias[column] where bias is given; tokens at or past seq read as
+// QKV_LD), 16 bytes per load, plus bias[column] where bias is given; tokens at or past seq read as
 // zeros. Block-collective.
 template <typename T, int D>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, const T* bias, int first,
@@ -128,7 +139,7 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, const T* bias, i
         }
       }
     }
-    *reinterpret_cast<uint4*>(dst + row * D + column) = value.raw;
+    *reinterpret_cast<uint4*>(dst + row * QKV_LD<D> + column) = value.raw;
   }
 }
 
@@ -154,12 +165,14 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
   if (first_query >= seq) return;
   const float* key_biases = bias ? bias + start : nullptr;  // one per row of either layout
 
-  __shared__ __align__(32) T q_tile[BLOCK_QUERIES * D];
-  __shared__ __align__(32) T k_tile[BLOCK_KEYS * D];
-  __shared__ __align__(32) T v_tile[BLOCK_KEYS * D];
-  __shared__ __align__(32) float s_tiles[WARPS][ROWS_PER_WARP * BLOCK_KEYS];
-  __shared__ __align__(32) T p_tiles[WARPS][ROWS_PER_WARP * BLOCK_KEYS];
-  __shared__ __align__(32) float o_tiles[WARPS][ROWS_PER_WARP * D];
+  // Every tile a tensor-core load or store starts on is 32-byte aligned (as WMMA needs): the
+  // leading dimensions above keep 16-row steps and 16-column steps on 32-byte multiples.
+  __shared__ __align__(32) T q_tile[BLOCK_QUERIES * QKV_LD<D>];
+  __shared__ __align__(32) T k_tile[BLOCK_KEYS * QKV_LD<D>];
+  __shared__ __align__(32) T v_tile[BLOCK_KEYS * QKV_LD<D>];
+  __shared__ __align__(32) float s_tiles[WARPS][ROWS_PER_WARP * S_LD];
+  __shared__ __align__(32) T p_tiles[WARPS][ROWS_PER_WARP * P_LD];
+  __shared__ __align__(32) float o_tiles[WARPS][ROWS_PER_WARP * O_LD<D>];
   __shared__ float key_bias[BLOCK_KEYS];
   // Each lane's partial maximum or sum, read by its partner lane (lane ^ 1).
   __shared__ float partials[WARPS][32];
@@ -173,12 +186,12 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
   const T* v_bias = projection_bias ? q_bias + 2 * hidden : nullptr;
   load_rows<T, D>(q_tile, tokens, q_bias, first_query, BLOCK_QUERIES, seq, row_stride);
   float* o_tile = o_tiles[warp];
-  for (int i = lane; i < ROWS_PER_WARP * D; i += 32) o_tile[i] = 0.0f;
+  for (int i = lane; i < ROWS_PER_WARP * O_LD<D>; i += 32) o_tile[i] = 0.0f;
 
   const int row = lane / 2;
   const int half = lane % 2;
-  float* s_row = s_tiles[warp] + row * BLOCK_KEYS + half * HALF_KEYS;
-  T* p_row = p_tiles[warp] + row * BLOCK_KEYS + half * HALF_KEYS;
+  float* s_row = s_tiles[warp] + row * S_LD + half * HALF_KEYS;
+  T* p_row = p_tiles[warp] + row * P_LD + half * HALF_KEYS;
   const float* bias_half = key_bias + half * HALF_KEYS;
   float row_max = -INFINITY;
   float row_sum = 0.0f;
@@ -194,12 +207,12 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
     }
     __syncthreads();
 
-    scores_tile<T, D>(q_tile + warp * ROWS_PER_WARP * D, k_tile, s_tiles[warp]);
+    scores_tile<T, D>(q_tile + warp * ROWS_PER_WARP * QKV_LD<D>, k_tile, s_tiles[warp]);
     __syncwarp();
 
-    // Each lane walks its half row from column `row` on (mod HALF_KEYS): the rows start on
-    // the same bank (a row is 32 floats), so in step the 32 lanes would hit two banks (a
-    // 16-way conflict on every access); rotated, they hit 32. Unrolled by 4 only: fully
+    // Each lane walks its half row from column `row` on (mod HALF_KEYS): in step, the 32
+    // lanes would hit 2 banks of the score tile and 4 of the probability tile (rows 32 floats
+    // and 32 halves apart); rotated, they hit 32 (enumerated over the lanes' addresses). Unrolled by 4 only: fully
     // unrolled, the compiler hoists all 16 rotated addresses and a d32 build needs 116
     // registers instead of 72 (ptxas -v), which would cut the blocks an SM holds from 7 to 4.
     // The tile's maximum of this row: this lane's half, then its partner's.
@@ -235,7 +248,9 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
     if (half == 0) row_factor[warp][row] = correction;
     __syncwarp();
     // Rescale the output rows, each lane taking consecutive columns (conflict-free).
-    for (int i = lane; i < ROWS_PER_WARP * D; i += 32) o_tile[i] *= row_factor[warp][i / D];
+    for (int i = lane; i < ROWS_PER_WARP * D; i += 32) {
+      o_tile[i / D * O_LD<D> + i % D] *= row_factor[warp][i / D];
+    }
     __syncwarp();
 
     context_tile<T, D>(p_tiles[warp], v_tile, o_tile);
@@ -250,7 +265,7 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
     const int query = first_query + warp * ROWS_PER_WARP + r;
     if (query < seq) {
       T* dst = out + ((size_t)start + query) * hidden + head * D + i % D;
-      *dst = from_float<T>(o_tile[i] * row_factor[warp][r]);
+      *dst = from_float<T>(o_tile[r * O_LD<D> + i % D] * row_factor[warp][r]);
     }
   }
 }
