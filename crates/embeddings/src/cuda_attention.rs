@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{DType, Device, Tensor};
 
-use crate::cuda_launch::{to_i32, wrap, Held};
+use crate::cuda_launch::{arg_or_null, to_i32, wrap, Held};
 use crate::nn::AttentionMask;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
@@ -165,21 +165,11 @@ impl Launch<'_> {
         };
         let (seq_i32, heads_i32) = (to_i32(longest)?, to_i32(self.heads)?);
         let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let null: u64 = 0; // a null device pointer: an input left out
         let mut builder = func.builder();
         builder.arg(&qkv);
-        match &projection_bias {
-            Some(b) => builder.arg(b),
-            None => builder.arg(&null),
-        };
-        match &key_bias {
-            Some(b) => builder.arg(b),
-            None => builder.arg(&null),
-        };
-        match &starts {
-            Some(s) => builder.arg(s),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, projection_bias.as_ref());
+        arg_or_null(&mut builder, key_bias.as_ref());
+        arg_or_null(&mut builder, starts.as_ref());
         builder.arg(&out);
         builder.arg(&seq_i32);
         builder.arg(&heads_i32);

@@ -9,7 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKe
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, DType, Tensor};
 
-use crate::cuda_launch::{to_i32, wrap, Held};
+use crate::cuda_launch::{arg_or_null, to_i32, wrap, Held};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogues.ptx"));
 const MODULE: &str = "bert_epilogues";
@@ -170,18 +170,11 @@ impl LayerNormInputs<'_> {
         let bias = held_bias.as_ref().map(Held::view::<T>).transpose()?;
         let residual = held_residual.as_ref().map(Held::view::<T>).transpose()?;
         let (gamma, beta) = (held_gamma.view::<T>()?, held_beta.view::<T>()?);
-        let null: u64 = 0; // a null device pointer: no bias, or no residual
         let (rows_i32, hidden_i32, eps) = (to_i32(rows)?, to_i32(hidden)?, eps as f32);
         let mut builder = func.builder();
         builder.arg(&x);
-        match &bias {
-            Some(bias) => builder.arg(bias),
-            None => builder.arg(&null),
-        };
-        match &residual {
-            Some(residual) => builder.arg(residual),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, bias.as_ref());
+        arg_or_null(&mut builder, residual.as_ref());
         builder.arg(&gamma);
         builder.arg(&beta);
         builder.arg(&out);

@@ -2,7 +2,7 @@
 //! candle's side: a tensor's device memory held for the launch, and the output wrapped back
 //! into a tensor.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchArgs, PushKernelArg};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Layout, Storage, Tensor};
@@ -48,4 +48,18 @@ pub(crate) fn wrap<T: CudaDType>(
 ) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, device.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// What a kernel reads as a null pointer: an optional input left out.
+static NULL_POINTER: u64 = 0;
+
+/// Pushes `view` as a kernel's pointer argument, or a null pointer where it is `None`.
+pub(crate) fn arg_or_null<'a, 'b: 'a, 'c: 'b, T>(
+    builder: &mut LaunchArgs<'a>,
+    view: Option<&'b CudaView<'c, T>>,
+) {
+    match view {
+        Some(view) => builder.arg(view),
+        None => builder.arg(&NULL_POINTER),
+    };
 }
