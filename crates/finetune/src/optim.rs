@@ -309,9 +309,12 @@ pub fn linear_schedule(peak: f64, warmup: u64, total: u64, step: u64) -> f64 {
 }
 
 /// The global L2 norm of the gradients of `vars` (those that have one), accumulated in f64.
-/// On the CPU it reads the gradients where they are, without temporaries.
+/// On the CPU it reads the gradients where they are, without temporaries; elsewhere each
+/// gradient's sum of squares stays on its device and all are read back at once (one
+/// synchronisation per step on a GPU, not one per variable).
 pub fn grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
     let mut total = 0f64;
+    let mut on_device = Vec::new();
     for var in vars {
         let Some(g) = grads.get(var.as_tensor()) else {
             continue;
@@ -328,12 +331,15 @@ pub fn grad_norm(grads: &GradStore, vars: &[&Var]) -> Result<f64> {
             }
             _ => {
                 drop(storage);
-                g.to_dtype(DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f64>()?
+                on_device.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
+                0.0
             }
         };
+    }
+    if !on_device.is_empty() {
+        total += Tensor::stack(&on_device, 0)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }
@@ -506,6 +512,42 @@ mod tests {
         let ga = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
         let gb = grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
         assert!(((ga * ga + gb * gb).sqrt() - 1.0).abs() < 1e-4);
+    }
+
+    /// Gradients the CPU does not read in place (here bf16, as a GPU's all are) are summed on
+    /// their device and read back together, beside the f32 ones read in place.
+    #[test]
+    fn the_norm_joins_gradients_read_in_place_and_on_device() {
+        let dev = Device::Cpu;
+        let a = Var::new(&[3.0f32, 1.0], &dev).unwrap();
+        let b = Var::from_tensor(
+            &Tensor::new(&[4.0f32, 2.0], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        let c = Var::from_tensor(
+            &Tensor::new(&[5.0f32], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
+        // d(x^2 / 2)/dx = x: the gradients are the values.
+        let half_square = |v: &Var| {
+            (v.as_tensor().to_dtype(DType::F32).unwrap().sqr().unwrap() * 0.5)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let loss = ((half_square(&a) + half_square(&b)).unwrap() + half_square(&c)).unwrap();
+        let grads = loss.backward().unwrap();
+        let norm = grad_norm(&grads, &[&a, &b, &c]).unwrap();
+        let expected = (9.0f64 + 1.0 + 16.0 + 4.0 + 25.0).sqrt();
+        assert!((norm - expected).abs() < 1e-9, "{norm} against {expected}");
+        let device_only = grad_norm(&grads, &[&b, &c]).unwrap();
+        assert!((device_only - 45.0f64.sqrt()).abs() < 1e-9, "{device_only}");
     }
 
     /// The gradient norm's sum of squares is the same bits on any thread count and run.
