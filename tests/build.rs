@@ -5,9 +5,11 @@ fn main() {
     for path in [
         "../crates/embeddings/src/cuda/flash_attention.cu",
         "../crates/embeddings/src/cuda/epilogues.cu",
+        "../crates/finetune/src/cuda/adamw.cu",
         "cuda_emulation/emulate.h",
         "cuda_emulation/attention.cpp",
         "cuda_emulation/epilogues.cpp",
+        "cuda_emulation/adamw.cpp",
     ] {
         println!("cargo:rerun-if-changed={path}");
     }
@@ -20,5 +22,6 @@ fn main() {
         .flag_if_supported("-Wno-unknown-pragmas")
         .file("cuda_emulation/attention.cpp")
         .file("cuda_emulation/epilogues.cpp")
+        .file("cuda_emulation/adamw.cpp")
         .compile("cuda_emulation");
 }

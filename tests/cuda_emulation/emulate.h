@@ -60,6 +60,13 @@ inline float __shfl_xor_sync(unsigned /* full mask */, float value, int lane_mas
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // The GPU's fast approximation; exact here (the tests' tolerance covers its few ulp).
 inline float __expf(float x) { return std::exp(x); }
+// Single roundings, as on the GPU (x86-64's baseline has no FMA for the compiler to fuse
+// with; the CPU's own kernels in Rust do not fuse either).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float x) { return std::sqrt(x); }
 
 namespace emulation {
 // Runs body() as every thread of every block of `grid`, `threads` threads a block (a multiple

@@ -111,6 +111,14 @@ pub fn assert_gradient_close(name: &str, ours: &Tensor, expected: &Tensor) {
 pub mod cuda_emulation {
     extern "C" {
         fn emulated_dropout_mask(out: *mut f32, total: u64, state: u64, p: f32, scale: f32) -> i32;
+        fn emulated_adamw_step(
+            theta: *mut f32,
+            grad: *const f32,
+            first: *mut f32,
+            second: *mut f32,
+            n: u64,
+            scalars: *const f32,
+        ) -> i32;
         fn emulated_bias_gelu(
             x: *const f32,
             bias: *const f32,
@@ -229,6 +237,35 @@ pub mod cuda_emulation {
             )
         };
         (status == 0).then_some(out)
+    }
+
+    /// One AdamW update by `adamw.cu`'s kernel, in place on `theta` and the moments `first`
+    /// and `second`, from `grad`; `scalars` as the kernel's `Scalars` (beta1, beta2,
+    /// 1 - beta1, 1 - beta2, eps, keep, step size, sqrt(1 - beta2^t), gradient scale).
+    pub fn adamw_step(
+        theta: &mut [f32],
+        grad: &[f32],
+        first: &mut [f32],
+        second: &mut [f32],
+        scalars: [f32; 9],
+    ) {
+        let n = theta.len();
+        assert!(
+            grad.len() == n && first.len() == n && second.len() == n,
+            "equal lengths"
+        );
+        // SAFETY: all four hold n floats and scalars nine; the kernel touches element i < n.
+        let status = unsafe {
+            emulated_adamw_step(
+                theta.as_mut_ptr(),
+                grad.as_ptr(),
+                first.as_mut_ptr(),
+                second.as_mut_ptr(),
+                n as u64,
+                scalars.as_ptr(),
+            )
+        };
+        assert_eq!(status, 0);
     }
 
     /// Dropout's mask by `epilogues.cu`'s kernel: `total` values, `scale` where kept and 0

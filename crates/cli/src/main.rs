@@ -639,7 +639,15 @@ fn run_selftest(args: SelftestArgs) -> Result<()> {
         "selftest on {}: {model} against HF transformers' outputs ({origin})",
         device_name(&device)
     );
-    let checks = bert::selftest::run(&files, &device, &expected)?;
+    let mut checks = bert::selftest::run(&files, &device, &expected)?;
+    // Training's optimiser too, where it can differ from the CPU's (its own CUDA kernel).
+    if !device.is_cpu() {
+        checks.push(bert::selftest::Check {
+            name: "AdamW, 3 updates, vs the CPU".into(),
+            value: bert_finetune::device_agreement(&device)?,
+            limit: bert::selftest::Limit::AtMost(1e-6),
+        });
+    }
     for check in &checks {
         println!("  {}", check.line());
     }

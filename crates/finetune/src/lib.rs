@@ -4,6 +4,8 @@
 //! in transformers' layout; LoRA adapters in PEFT's.
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+mod cuda_adamw;
 pub mod data;
 pub mod error;
 pub mod loss;
@@ -17,6 +19,8 @@ pub use checkpoint::{merge_adapter, write_model, Weights};
 pub use data::{epoch_batches, read_dataset, BadRows, Batching, Dataset, LabeledPair};
 pub use error::{Error, Result};
 pub use loss::Loss;
-pub use optim::{clip_grad_norm, clip_scale, grad_norm, linear_schedule, AdamW, AdamWConfig};
+pub use optim::{
+    clip_grad_norm, clip_scale, device_agreement, grad_norm, linear_schedule, AdamW, AdamWConfig,
+};
 pub use trainable::{load_trainable, Param, Trainable, TrainableClassifier};
 pub use trainer::{evaluate, head_config, predict, train, EvalMetrics, TrainConfig, TrainSummary};

@@ -42,9 +42,10 @@ impl Default for AdamWConfig {
 
 /// PyTorch's `torch.optim.AdamW`, one moment pair per trained variable.
 ///
-/// f32 variables on the CPU are updated by one in-place kernel per variable (decay, moments,
-/// bias-corrected step, the clipping scale folded in), with the moments in host memory; other
-/// dtypes and devices use tensor ops. Both follow PyTorch's arithmetic order.
+/// f32 variables on the CPU, and on CUDA in a build with the `cuda` feature, are updated by one
+/// in-place kernel per variable (decay, moments, bias-corrected step, the clipping scale folded
+/// in), with the moments beside them in host or device memory; other dtypes and devices use
+/// tensor ops. All follow PyTorch's arithmetic order.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
@@ -58,6 +59,9 @@ pub struct AdamW {
 enum Moments {
     /// f32 variables on the CPU: plain vectors the update kernel writes in place.
     Host { first: Vec<f32>, second: Vec<f32> },
+    /// f32 variables on CUDA: device buffers the update kernel writes in place.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda_adamw::DeviceMoments),
     /// Anything else: f32 tensors on the variable's device.
     Tensors { first: Tensor, second: Tensor },
 }
@@ -70,6 +74,10 @@ impl Moments {
                 first: vec![0.0; n],
                 second: vec![0.0; n],
             });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(moments) = crate::cuda_adamw::DeviceMoments::zeros(var)? {
+            return Ok(Self::Cuda(moments));
         }
         let zeros = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
         Ok(Self::Tensors {
@@ -84,6 +92,8 @@ impl Moments {
                 Tensor::from_slice(first, var.shape(), var.device())?,
                 Tensor::from_slice(second, var.shape(), var.device())?,
             )),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(moments) => moments.tensors(var),
             Self::Tensors { first, second } => Ok((first.clone(), second.clone())),
         }
     }
@@ -105,6 +115,10 @@ impl Moments {
                 first: first.flatten_all()?.to_vec1()?,
                 second: second.flatten_all()?.to_vec1()?,
             },
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) => Self::Cuda(crate::cuda_adamw::DeviceMoments::from_tensors(
+                &first, &second,
+            )?),
             Self::Tensors { .. } => Self::Tensors { first, second },
         };
         Ok(())
@@ -159,25 +173,30 @@ impl AdamW {
                 continue;
             };
             let decay = if *decay { c.weight_decay } else { 0.0 };
+            let scalars = AdamWScalars {
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                // 1 - beta in f64 first: 1 - 0.999f32 is 1.3e-5 off 0.001.
+                one_minus_beta1: (1.0 - c.beta1) as f32,
+                one_minus_beta2: (1.0 - c.beta2) as f32,
+                eps: c.eps as f32,
+                keep: (1.0 - lr * decay) as f32,
+                step_size: (lr / bias1) as f32,
+                bias2_sqrt: bias2.sqrt() as f32,
+                grad_scale: grad_scale as f32,
+            };
             match &mut self.moments[i] {
                 Moments::Host { first, second } => {
                     let kernel = AdamWKernel {
                         first: Mutex::new(first),
                         second: Mutex::new(second),
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        // 1 - beta in f64 first: 1 - 0.999f32 is 1.3e-5 off 0.001.
-                        one_minus_beta1: (1.0 - c.beta1) as f32,
-                        one_minus_beta2: (1.0 - c.beta2) as f32,
-                        eps: c.eps as f32,
-                        keep: (1.0 - lr * decay) as f32,
-                        step_size: (lr / bias1) as f32,
-                        bias2_sqrt: bias2.sqrt() as f32,
-                        grad_scale: grad_scale as f32,
+                        scalars,
                     };
                     var.as_tensor()
                         .inplace_op2(&grad.to_dtype(DType::F32)?.contiguous()?, &kernel)?;
                 }
+                #[cfg(feature = "cuda")]
+                Moments::Cuda(moments) => moments.step(var, grad, scalars)?,
                 Moments::Tensors { first, second } => {
                     // PyTorch's order: decay, moments, bias-corrected step.
                     let mut grad = grad.to_dtype(DType::F32)?;
@@ -225,21 +244,33 @@ impl AdamW {
     }
 }
 
+/// The numbers one AdamW update of one variable uses, in f32 as the kernels compute. Laid out
+/// as the CUDA kernel's `Scalars` (src/cuda/adamw.cu), which takes it by value.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct AdamWScalars {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    /// `1 - lr * weight_decay`.
+    pub keep: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias2_sqrt: f32,
+    /// The clipping factor the gradient is multiplied by first.
+    pub grad_scale: f32,
+}
+
 /// The in-place AdamW update of one f32 variable on the CPU, PyTorch's arithmetic:
 /// `g *= scale; theta *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
 /// theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
 struct AdamWKernel<'a> {
     first: Mutex<&'a mut Vec<f32>>,
     second: Mutex<&'a mut Vec<f32>>,
-    beta1: f32,
-    beta2: f32,
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    keep: f32,
-    step_size: f32,
-    bias2_sqrt: f32,
-    grad_scale: f32,
+    scalars: AdamWScalars,
 }
 
 impl InplaceOp2 for AdamWKernel<'_> {
@@ -279,6 +310,7 @@ impl InplaceOp2 for AdamWKernel<'_> {
             )
         }
         const CHUNK: usize = 1 << 14;
+        let s = &self.scalars;
         theta
             .par_chunks_mut(CHUNK)
             .zip(grad.par_chunks(CHUNK))
@@ -286,16 +318,54 @@ impl InplaceOp2 for AdamWKernel<'_> {
             .zip(second.par_chunks_mut(CHUNK))
             .for_each(|(((theta, grad), m), v)| {
                 for j in 0..theta.len() {
-                    let g = grad[j] * self.grad_scale;
-                    theta[j] *= self.keep;
-                    m[j] = self.beta1 * m[j] + self.one_minus_beta1 * g;
-                    v[j] = self.beta2 * v[j] + self.one_minus_beta2 * g * g;
-                    let denom = v[j].sqrt() / self.bias2_sqrt + self.eps;
-                    theta[j] -= self.step_size * (m[j] / denom);
+                    let g = grad[j] * s.grad_scale;
+                    theta[j] *= s.keep;
+                    m[j] = s.beta1 * m[j] + s.one_minus_beta1 * g;
+                    v[j] = s.beta2 * v[j] + s.one_minus_beta2 * g * g;
+                    let denom = v[j].sqrt() / s.bias2_sqrt + s.eps;
+                    theta[j] -= s.step_size * (m[j] / denom);
                 }
             });
         Ok(())
     }
+}
+
+/// AdamW on `device` against AdamW on the CPU, for a device check (`bert selftest`): three
+/// updates (weight decay on, the second with a clipping scale) of one f32 variable of 1000
+/// values from the same gradients; returns the largest |difference| of the variable after
+/// them. A CUDA build updates f32 variables with its own kernel, which rounds each operation
+/// as the CPU's kernel does: 0 there.
+pub fn device_agreement(device: &candle_core::Device) -> Result<f64> {
+    let cpu = candle_core::Device::Cpu;
+    let values: Vec<f32> = (0..1000)
+        .map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5)
+        .collect();
+    let updated = |device: &candle_core::Device| -> Result<Tensor> {
+        let var = Var::from_vec(values.clone(), values.len(), device)?;
+        let param = Param {
+            name: "w".into(),
+            var: Some(var.clone()),
+            tensor: var.as_tensor().clone(),
+            decay: true,
+            fresh: false,
+        };
+        let mut optimizer = AdamW::new(&[param], AdamWConfig::default())?;
+        for (step, scale) in [1.0, 0.5, 1.0].into_iter().enumerate() {
+            // d(sum(var * g))/dvar = g, a different g each step.
+            let g: Vec<f32> = (0..values.len())
+                .map(|i| (((i + 7 * step) * 13) % 29) as f32 / 29.0 - 0.4)
+                .collect();
+            let g = Tensor::from_vec(g, values.len(), device)?;
+            let grads = (var.as_tensor() * g)?.sum_all()?.backward()?;
+            optimizer.step_scaled(&grads, 1e-3, scale)?;
+        }
+        Ok(var.as_tensor().to_device(&cpu)?)
+    };
+    let difference = (updated(device)? - updated(&cpu)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    Ok(f64::from(difference))
 }
 
 /// Linear warm-up from 0 to `peak` over `warmup` steps, then linear decay to 0 at `total`
@@ -512,6 +582,12 @@ mod tests {
         let ga = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
         let gb = grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
         assert!(((ga * ga + gb * gb).sqrt() - 1.0).abs() < 1e-4);
+    }
+
+    /// The device check runs end to end; on the CPU it compares the CPU with itself.
+    #[test]
+    fn the_device_check_runs_and_the_cpu_agrees_with_itself() {
+        assert_eq!(device_agreement(&Device::Cpu).unwrap(), 0.0);
     }
 
     /// Gradients the CPU does not read in place (here bf16, as a GPU's all are) are summed on
