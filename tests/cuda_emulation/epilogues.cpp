@@ -56,6 +56,33 @@ extern "C" int emulated_residual_layer_norm(const float* x, const float* bias,
 #undef BERT_EMULATED_LAYER_NORM
 }
 
+// x, dy, dx, dy_xhat: [rows, hidden]; gamma: [hidden]. `per_lane` as for
+// emulated_residual_layer_norm. Returns 0, or 1 for a per_lane that is not built or too small.
+extern "C" int emulated_layer_norm_backward(const float* x, const float* dy, const float* gamma,
+                                            float* dx, float* dy_xhat, int rows, int hidden,
+                                            float eps, int per_lane) {
+  using namespace bert_epilogues;
+  if (hidden <= 0 || hidden > 32 * per_lane) return 1;
+  const int blocks = (rows + WARPS - 1) / WARPS;
+#define BERT_EMULATED_BACKWARD(N)                                                      \
+  case N:                                                                              \
+    emulation::launch({blocks, 1, 1}, THREADS, [=] {                                   \
+      layer_norm_backward<N>(x, dy, gamma, dx, dy_xhat, rows, hidden, eps);            \
+    });                                                                                \
+    return 0;
+  switch (per_lane) {
+    BERT_EMULATED_BACKWARD(4)
+    BERT_EMULATED_BACKWARD(8)
+    BERT_EMULATED_BACKWARD(12)
+    BERT_EMULATED_BACKWARD(16)
+    BERT_EMULATED_BACKWARD(24)
+    BERT_EMULATED_BACKWARD(32)
+    default:
+      return 1;
+  }
+#undef BERT_EMULATED_BACKWARD
+}
+
 // out: `total` floats of the mask (see dropout_mask). Always 0.
 extern "C" int emulated_dropout_mask(float* out, unsigned long long total,
                                      unsigned long long state, float p, float scale) {

@@ -111,6 +111,18 @@ pub fn assert_gradient_close(name: &str, ours: &Tensor, expected: &Tensor) {
 pub mod cuda_emulation {
     extern "C" {
         fn emulated_dropout_mask(out: *mut f32, total: u64, state: u64, p: f32, scale: f32) -> i32;
+        #[allow(clippy::too_many_arguments)]
+        fn emulated_layer_norm_backward(
+            x: *const f32,
+            dy: *const f32,
+            gamma: *const f32,
+            dx: *mut f32,
+            dy_xhat: *mut f32,
+            rows: i32,
+            hidden: i32,
+            eps: f32,
+            per_lane: i32,
+        ) -> i32;
         fn emulated_adamw_step(
             theta: *mut f32,
             grad: *const f32,
@@ -339,5 +351,42 @@ pub mod cuda_emulation {
             )
         };
         (status == 0).then_some(out)
+    }
+
+    /// LayerNorm's backward by `epilogues.cu`'s kernel built for `per_lane` registers a lane,
+    /// for `x` and the output's gradient `dy` in rows of `gamma.len()`: the input's gradient and
+    /// `dy * xhat` (whose column sums are gamma's gradient). `None` for a build that does not
+    /// exist or is too small.
+    pub fn layer_norm_backward(
+        x: &[f32],
+        dy: &[f32],
+        gamma: &[f32],
+        eps: f32,
+        per_lane: usize,
+    ) -> Option<(Vec<f32>, Vec<f32>)> {
+        let hidden = gamma.len();
+        assert!(
+            hidden > 0 && x.len().is_multiple_of(hidden),
+            "x is rows of gamma.len()"
+        );
+        assert_eq!(dy.len(), x.len(), "dy size");
+        let mut dx = vec![f32::NAN; x.len()];
+        let mut dy_xhat = vec![f32::NAN; x.len()];
+        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
+        // SAFETY: the sizes were checked above; the kernel reads and writes within them.
+        let status = unsafe {
+            emulated_layer_norm_backward(
+                x.as_ptr(),
+                dy.as_ptr(),
+                gamma.as_ptr(),
+                dx.as_mut_ptr(),
+                dy_xhat.as_mut_ptr(),
+                to_i32(x.len() / hidden),
+                to_i32(hidden),
+                eps,
+                to_i32(per_lane),
+            )
+        };
+        (status == 0).then_some((dx, dy_xhat))
     }
 }

@@ -3,11 +3,14 @@
 //! against plain loops in f64. Bias + GELU over partial last blocks and several widths;
 //! bias + residual + LayerNorm for every register build, rows that fill a lane's registers
 //! exactly or partly, blocks with idle warps, every combination of bias and residual, and rows
-//! far from zero mean (where `E[x^2] - mean^2` would cancel).
+//! far from zero mean (where `E[x^2] - mean^2` would cancel); LayerNorm's backward against
+//! candle's autograd through the CPU LayerNorm in f64.
 
 use bert::bert_embeddings::nn::SplitMix64;
 use bert::{Device, Tensor};
-use bert_tests::cuda_emulation::{bias_gelu, dropout_mask, residual_layer_norm};
+use bert_tests::cuda_emulation::{
+    bias_gelu, dropout_mask, layer_norm_backward, residual_layer_norm,
+};
 use bert_tests::max_abs_diff;
 
 fn normal(rng: &mut SplitMix64, n: usize, scale: f64, offset: f64) -> Vec<f32> {
@@ -133,6 +136,79 @@ fn residual_layer_norm_matches_the_plain_loop() {
 /// The GPU's dropout mask is the CPU's: element i is kept exactly when draw i + 1 of the seeded
 /// SplitMix64 stream is at least p, so a run drops the same elements on either device. Two
 /// launches from the moved-on state continue the stream without a gap.
+/// The input's and gamma's gradients of `sum(LayerNorm(x) * dy)` by autograd through the CPU's
+/// LayerNorm in f64, flat.
+fn autograd_layer_norm(
+    x: &[f32],
+    dy: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    use bert::bert_embeddings::nn::LayerNorm;
+    use candle_core::{Module, Var};
+    let hidden = gamma.len();
+    let rows = x.len() / hidden;
+    let f64_tensor = |v: &[f32], shape: &[usize]| {
+        Tensor::from_slice(v, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(bert::DType::F64))
+            .unwrap()
+    };
+    let x = Var::from_tensor(&f64_tensor(x, &[rows, hidden])).unwrap();
+    let gamma = Var::from_tensor(&f64_tensor(gamma, &[hidden])).unwrap();
+    let beta = Var::from_tensor(&f64_tensor(beta, &[hidden])).unwrap();
+    let norm = LayerNorm::new(gamma.as_tensor().clone(), beta.as_tensor().clone(), eps);
+    let y = norm.forward(x.as_tensor()).unwrap();
+    let loss = (y * f64_tensor(dy, &[rows, hidden]))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let flat = |v: &Var| {
+        grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    (flat(&x), flat(&gamma))
+}
+
+#[test]
+fn layer_norm_backward_matches_autograd() {
+    let mut rng = SplitMix64(14);
+    let eps = 1e-12;
+    // (rows, hidden, registers a lane): exact fits, partial lanes, idle warps in the last block.
+    for (rows, hidden, per_lane) in [(5, 384, 12), (6, 768, 24), (3, 100, 4), (9, 1024, 32)] {
+        // Rows far from zero mean, as BERT's residual streams.
+        let x = normal(&mut rng, rows * hidden, 2.0, 5.0);
+        let dy = normal(&mut rng, rows * hidden, 1.0, 0.0);
+        let gamma = normal(&mut rng, hidden, 0.3, 1.0);
+        let beta = normal(&mut rng, hidden, 0.1, 0.0);
+        let (dx, dy_xhat) =
+            layer_norm_backward(&x, &dy, &gamma, eps as f32, per_lane).expect("a build");
+        let (expected_dx, expected_dgamma) = autograd_layer_norm(&x, &dy, (&gamma, &beta), eps);
+        let diff = max_diff(&dx, &expected_dx);
+        assert!(diff <= 2e-5, "{rows} x {hidden}: dx max |diff| {diff:e}");
+        // gamma's gradient is dy * xhat summed over rows (beta's, dy summed, has no kernel).
+        let column_sum = |v: &[f32]| -> Vec<f32> {
+            (0..hidden)
+                .map(|c| (0..rows).map(|r| v[r * hidden + c]).sum())
+                .collect()
+        };
+        let diff = max_diff(&column_sum(&dy_xhat), &expected_dgamma);
+        assert!(
+            diff <= 1e-4,
+            "{rows} x {hidden}: dgamma max |diff| {diff:e}"
+        );
+    }
+    assert!(
+        layer_norm_backward(&[0.0; 200], &[0.0; 200], &[1.0; 200], 1e-12, 4).is_none(),
+        "a build too small for the row is refused"
+    );
+}
+
 #[test]
 fn dropout_mask_draws_the_cpu_stream() {
     let (p, scale) = (0.1f32, 1.0f32 / 0.9);

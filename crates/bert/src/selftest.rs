@@ -17,7 +17,9 @@
 //! ([`bert_embeddings::nn::set_gpu_fused_kernels`]), also: per dtype, the model with the
 //! kernels against the model on the plain path (f32 within [`F32_LIMIT`], f16/bf16 cosine >=
 //! [`HALF_COSINE`]); the epilogue kernels alone (bias + GELU, bias + residual + LayerNorm) on
-//! random inputs against the CPU in f32 on the same values; and, where the build has it, the
+//! random inputs against the CPU in f32 on the same values; training's f32 LayerNorm (the
+//! forward kernel and its backward kernel): its gradients against the CPU's, within
+//! [`F32_LIMIT`]; and, where the build has it, the
 //! fused attention kernel alone (both head sizes it is built for: a padded sequence, and
 //! packed rows of four sequences after a QKV projection whose bias the kernel adds) against
 //! the CPU's exact f32 attention on the same inputs. Kernel-alone checks: f32 within
@@ -243,6 +245,7 @@ pub fn run(
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             checks.extend(epilogue_kernel_checks(device, dtype)?);
         }
+        checks.push(layer_norm_gradient_check(device)?);
         if bert_embeddings::nn::gpu_fused_attention_built() {
             for dtype in [DType::F16, DType::BF16] {
                 for head_dim in [32, 64] {
@@ -350,6 +353,51 @@ fn epilogue_kernel_checks(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         .collect()
 }
 
+/// Training's LayerNorm on the GPU (its forward kernel and its own backward kernel) against
+/// the CPU's: the gradients of `sum(LayerNorm(x) * dy)` for x, gamma and beta, on random
+/// `[2, 100, 768]` f32 inputs off zero mean; the largest |difference| of any of them.
+fn layer_norm_gradient_check(device: &Device) -> Result<Check> {
+    use bert_embeddings::nn::{LayerNorm, SplitMix64};
+    use candle_core::{Module, Var};
+    let hidden = 768;
+    let mut rng = SplitMix64(768);
+    let mut random = |shape: &[usize], scale: f64, offset: f64| -> Result<Tensor> {
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|_| (offset + scale * rng.next_normal()) as f32)
+            .collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    };
+    let x = random(&[2, 100, hidden], 2.0, 5.0)?;
+    let dy = random(&[2, 100, hidden], 1.0, 0.0)?;
+    let (gamma, beta) = (random(&[hidden], 0.2, 1.0)?, random(&[hidden], 0.2, 0.0)?);
+    let gradients = |place: &Device| -> Result<Vec<Tensor>> {
+        let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_device(place)?)?) };
+        let (x, gamma, beta) = (var(&x)?, var(&gamma)?, var(&beta)?);
+        let norm = LayerNorm::new(gamma.as_tensor().clone(), beta.as_tensor().clone(), 1e-12);
+        let y = norm.forward(x.as_tensor())?;
+        let grads = (y * dy.to_device(place)?)?.sum_all()?.backward()?;
+        [x, gamma, beta]
+            .iter()
+            .map(|v| {
+                let g = grads.get(v.as_tensor()).ok_or_else(|| {
+                    Error::SelfTest("LayerNorm recorded no gradient for an input".into())
+                })?;
+                Ok(g.flatten_all()?.to_device(&Device::Cpu)?)
+            })
+            .collect()
+    };
+    let (on_device, on_cpu) = (gradients(device)?, gradients(&Device::Cpu)?);
+    let mut worst = 0f64;
+    for (a, b) in on_device.iter().zip(&on_cpu) {
+        worst = worst.max(max_abs_diff(a, b)?);
+    }
+    Ok(Check {
+        name: "f32 LayerNorm gradients (training) vs CPU".into(),
+        value: worst,
+        limit: Limit::AtMost(F32_LIMIT),
+    })
+}
+
 /// The GPU attention kernel on random `[2, 100, 3 * 12 * head_dim]` inputs in `dtype`, the
 /// second sequence padded after 40 tokens, against the CPU's f32 attention on the same values.
 fn attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Result<Check> {
@@ -441,6 +489,14 @@ fn encode_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gradient check runs end to end (on a GPU it compares the device with the CPU; here
+    /// the CPU with itself).
+    #[test]
+    fn the_layer_norm_gradient_check_runs() {
+        let check = layer_norm_gradient_check(&Device::Cpu).unwrap();
+        assert_eq!(check.value, 0.0, "{}", check.line());
+    }
 
     #[test]
     fn a_nan_or_a_short_value_fails_its_check() {

@@ -5,11 +5,16 @@
 //! on the CPU by the test suite (`tests/cuda_emulation/`) and on a GPU by `bert selftest
 //! --device cuda`, against the plain path.
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CudaDevice, DType, Tensor};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
 
-use crate::cuda_launch::{arg_or_null, to_i32, wrap, Held};
+use crate::cuda_launch::{arg_or_null, storage_view, to_i32, wrap, Held};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogues.ptx"));
 const MODULE: &str = "bert_epilogues";
@@ -150,41 +155,204 @@ struct LayerNormInputs<'a> {
 }
 
 impl LayerNormInputs<'_> {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         per_lane: usize,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
-        let hidden = self.gamma.elem_count();
-        let rows = self.x.elem_count() / hidden;
         let held_x = Held::new(self.x);
         let held_bias = self.bias.map(Held::new);
         let held_residual = self.residual.map(Held::new);
         let (held_gamma, held_beta) = (Held::new(self.gamma), Held::new(self.beta));
         let device = held_x.cuda()?.device.clone();
-        let name = kernel_name("residual_layer_norm", self.x.dtype());
+        let views = LayerNormViews {
+            x: held_x.view::<T>()?,
+            bias: held_bias.as_ref().map(Held::view::<T>).transpose()?,
+            residual: held_residual.as_ref().map(Held::view::<T>).transpose()?,
+            gamma: held_gamma.view::<T>()?,
+            beta: held_beta.view::<T>()?,
+        };
+        let out = views.launch(&device, per_lane, eps)?;
+        Ok(wrap(out, &device, self.x.dims()))
+    }
+}
+
+/// The device memory one residual LayerNorm launch reads: `x` (and `residual`) `[rows,
+/// hidden]`, `bias`, `gamma`, `beta` `[hidden]`.
+struct LayerNormViews<'a, T> {
+    x: CudaView<'a, T>,
+    bias: Option<CudaView<'a, T>>,
+    residual: Option<CudaView<'a, T>>,
+    gamma: CudaView<'a, T>,
+    beta: CudaView<'a, T>,
+}
+
+impl<T: CudaDType + DeviceRepr + WithDType> LayerNormViews<'_, T> {
+    fn launch(
+        &self,
+        device: &CudaDevice,
+        per_lane: usize,
+        eps: f64,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let hidden = self.gamma.len();
+        let rows = self.x.len() / hidden.max(1);
+        if hidden == 0
+            || self.x.len() != rows * hidden
+            || self.beta.len() != hidden
+            || self.bias.as_ref().is_some_and(|b| b.len() != hidden)
+            || self
+                .residual
+                .as_ref()
+                .is_some_and(|r| r.len() != self.x.len())
+            || 32 * per_lane < hidden
+        {
+            candle_core::bail!("residual LayerNorm kernel: sizes do not fit")
+        }
+        let name = kernel_name("residual_layer_norm", T::DTYPE);
         let func = device.get_or_load_custom_func(&format!("{name}_{per_lane}"), MODULE, PTX)?;
         // SAFETY: the kernel writes every element of every row.
         let out = unsafe { device.alloc::<T>(rows * hidden)? };
-        let x = held_x.view::<T>()?;
-        let bias = held_bias.as_ref().map(Held::view::<T>).transpose()?;
-        let residual = held_residual.as_ref().map(Held::view::<T>).transpose()?;
-        let (gamma, beta) = (held_gamma.view::<T>()?, held_beta.view::<T>()?);
         let (rows_i32, hidden_i32, eps) = (to_i32(rows)?, to_i32(hidden)?, eps as f32);
         let mut builder = func.builder();
-        builder.arg(&x);
-        arg_or_null(&mut builder, bias.as_ref());
-        arg_or_null(&mut builder, residual.as_ref());
-        builder.arg(&gamma);
-        builder.arg(&beta);
+        builder.arg(&self.x);
+        arg_or_null(&mut builder, self.bias.as_ref());
+        arg_or_null(&mut builder, self.residual.as_ref());
+        builder.arg(&self.gamma);
+        builder.arg(&self.beta);
         builder.arg(&out);
         builder.arg(&rows_i32);
         builder.arg(&hidden_i32);
         builder.arg(&eps);
-        // SAFETY: the arguments match the kernel's signature; every size was checked against
-        // x's `[rows, hidden]`, and `hidden` fits this build's registers.
+        // SAFETY: the arguments match the kernel's signature; every size was checked above
+        // against `[rows, hidden]`, and `hidden` fits this build's registers.
         unsafe { builder.launch(grid(rows.div_ceil(WARPS))?) }.w()?;
-        Ok(wrap(out, &device, self.x.dims()))
+        Ok(out)
+    }
+}
+
+/// LayerNorm over the last dimension of an f32 `x` on CUDA, recording a gradient, for
+/// training (`nn::LayerNorm` where something tracks one): the forward is the
+/// `residual_layer_norm` kernel, the backward the `layer_norm_backward` kernel plus two column
+/// sums (gamma's and beta's gradients), where composed ops take about thirty launches. `None`
+/// where it does not apply (not CUDA, not all f32 on one device, shapes, rows over 1024).
+pub(crate) fn layer_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let hidden = x.dims().last().copied().unwrap_or(0);
+    let per_lane = PER_LANE_BUILDS
+        .into_iter()
+        .find(|&registers| 32 * registers >= hidden);
+    let applies = x.device().is_cuda()
+        && hidden > 0
+        && [x, gamma, beta]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.device().same_device(x.device()))
+        && gamma.dims() == [hidden]
+        && beta.dims() == [hidden];
+    let (Some(per_lane), true) = (per_lane, applies) else {
+        return Ok(None);
+    };
+    let op = LayerNormTrainOp { eps, per_lane };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        op,
+    )?))
+}
+
+/// See [`layer_norm_train`].
+struct LayerNormTrainOp {
+    eps: f64,
+    per_lane: usize,
+}
+
+impl CustomOp3 for LayerNormTrainOp {
+    fn name(&self) -> &'static str {
+        "bert-layer-norm-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{}: runs on CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        gamma: &CudaStorage,
+        gamma_layout: &Layout,
+        beta: &CudaStorage,
+        beta_layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let views = LayerNormViews {
+            x: storage_view::<f32>(x, x_layout)?,
+            bias: None,
+            residual: None,
+            gamma: storage_view::<f32>(gamma, gamma_layout)?,
+            beta: storage_view::<f32>(beta, beta_layout)?,
+        };
+        let device = x.device().clone();
+        let out = views.launch(&device, self.per_lane, self.eps)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, device),
+            x_layout.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let hidden = gamma.elem_count();
+        let rows = x.elem_count() / hidden;
+        let dy = dy.to_dtype(DType::F32)?.contiguous()?;
+        let (held_x, held_dy, held_gamma) = (Held::new(x), Held::new(&dy), Held::new(gamma));
+        let device = held_x.cuda()?.device.clone();
+        let func = device.get_or_load_custom_func(
+            &format!("layer_norm_backward_f32_{}", self.per_lane),
+            MODULE,
+            PTX,
+        )?;
+        // SAFETY: the kernel writes every element of both (each row's every column).
+        let dx = unsafe { device.alloc::<f32>(rows * hidden)? };
+        let dy_xhat = unsafe { device.alloc::<f32>(rows * hidden)? };
+        let (x_view, dy_view) = (held_x.view::<f32>()?, held_dy.view::<f32>()?);
+        let gamma_view = held_gamma.view::<f32>()?;
+        if x_view.len() != rows * hidden || dy_view.len() != rows * hidden {
+            candle_core::bail!("{}: gradient and input sizes differ", self.name())
+        }
+        let (rows_i32, hidden_i32, eps) = (to_i32(rows)?, to_i32(hidden)?, self.eps as f32);
+        let mut builder = func.builder();
+        builder.arg(&x_view);
+        builder.arg(&dy_view);
+        builder.arg(&gamma_view);
+        builder.arg(&dx);
+        builder.arg(&dy_xhat);
+        builder.arg(&rows_i32);
+        builder.arg(&hidden_i32);
+        builder.arg(&eps);
+        // SAFETY: the arguments match the kernel's signature; x, dy, dx and dy_xhat hold
+        // `[rows, hidden]` f32 and gamma `[hidden]`, which fits this build's registers.
+        unsafe { builder.launch(grid(rows.div_ceil(WARPS))?) }.w()?;
+        let dx = wrap(dx, &device, x.dims());
+        let dgamma = wrap(dy_xhat, &device, &[rows, hidden]).sum(0)?;
+        let dbeta = dy.reshape((rows, hidden))?.sum(0)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
 
@@ -211,7 +379,7 @@ pub(crate) fn dropout_mask(
     }
 }
 
-fn launch_dropout_mask<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+fn launch_dropout_mask<T: CudaDType + DeviceRepr + WithDType>(
     device: &CudaDevice,
     shape: &[usize],
     state: u64,

@@ -28,11 +28,19 @@ impl<'a> Held<'a> {
 
     /// The elements as a view, from the layout's start (the tensor is contiguous).
     pub(crate) fn view<T: CudaDType>(&self) -> candle_core::Result<CudaView<'_, T>> {
-        let Some((start, end)) = self.layout.contiguous_offsets() else {
-            candle_core::bail!("CUDA kernels: inputs must be contiguous")
-        };
-        Ok(self.cuda()?.as_cuda_slice::<T>()?.slice(start..end))
+        storage_view(self.cuda()?, self.layout)
     }
+}
+
+/// A contiguous `layout`'s elements of `storage` as a view, from the layout's start.
+pub(crate) fn storage_view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("CUDA kernels: inputs must be contiguous")
+    };
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
 }
 
 /// `n` as a kernel's `int`, or an error past `i32::MAX`.

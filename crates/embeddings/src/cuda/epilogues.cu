@@ -13,8 +13,11 @@
 //   registers, as transformers' f32 LayerNorm: E[x^2] - mean^2 cancels on BERT's large-offset
 //   residual streams).
 //
-// And for training, dropout's keep mask drawn where it is used (dropout_mask), from the same
-// seeded stream as the CPU's: the host only moves the stream's state on.
+// And for training: dropout's keep mask drawn where it is used (dropout_mask), from the same
+// seeded stream as the CPU's, the host only moving the stream's state on; and LayerNorm's
+// backward in f32 (layer_norm_backward), the forward being residual_layer_norm's, so a
+// training LayerNorm is two kernels and two column sums where composed ops take about
+// thirty launches.
 //
 // The same source builds under a CPU emulation of the CUDA primitives it uses
 // (tests/cuda_emulation/), which checks it against plain loops in the test suite.
@@ -73,6 +76,27 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// The mean and 1 / sqrt(variance + eps) of a row a warp holds, lane l's v[j] being column
+// j * 32 + l (0 past `hidden`): the mean, then the variance of the centred values (two passes
+// over registers, as transformers' f32 LayerNorm).
+template <int PER_LANE>
+__device__ __forceinline__ void row_statistics(const float (&v)[PER_LANE], int lane, int hidden,
+                                               float eps, float& mean, float& inverse_std) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) sum += v[j];
+  mean = warp_sum(sum) / hidden;
+  float squares = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    if (j * 32 + lane < hidden) {
+      const float d = v[j] - mean;
+      squares += d * d;
+    }
+  }
+  inverse_std = rsqrtf(warp_sum(squares) / hidden + eps);
+}
+
 // LayerNorm(x + bias + residual) * gamma + beta over rows of `hidden` <= 32 * PER_LANE
 // elements; bias and residual may be null. One warp per row, lane l holding columns l, l + 32,
 // ...; WARPS rows per block: launch with ceil(rows / WARPS) blocks of THREADS threads.
@@ -89,7 +113,6 @@ __device__ __forceinline__ void residual_layer_norm(const T* __restrict__ x,
   if (row >= rows) return;  // the whole warp: no block-wide barrier follows
   const unsigned long long offset = (unsigned long long)row * hidden;
   float v[PER_LANE];
-  float sum = 0.0f;
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j) {
     const int c = j * 32 + lane;
@@ -99,26 +122,67 @@ __device__ __forceinline__ void residual_layer_norm(const T* __restrict__ x,
       if (bias) t += to_float(bias[c]);
       if (residual) t += to_float(residual[offset + c]);
       v[j] = t;
-      sum += t;
     }
   }
-  const float mean = warp_sum(sum) / hidden;
-  float squares = 0.0f;
-#pragma unroll
-  for (int j = 0; j < PER_LANE; ++j) {
-    const int c = j * 32 + lane;
-    if (c < hidden) {
-      const float d = v[j] - mean;
-      squares += d * d;
-    }
-  }
-  const float inverse_std = rsqrtf(warp_sum(squares) / hidden + eps);
+  float mean, inverse_std;
+  row_statistics<PER_LANE>(v, lane, hidden, eps, mean, inverse_std);
 #pragma unroll
   for (int j = 0; j < PER_LANE; ++j) {
     const int c = j * 32 + lane;
     if (c < hidden) {
       const float normed = (v[j] - mean) * inverse_std;
       out[offset + c] = from_float<T>(normed * to_float(gamma[c]) + to_float(beta[c]));
+    }
+  }
+}
+
+// LayerNorm's backward over rows of `hidden` <= 32 * PER_LANE f32 elements, from the input x
+// (the statistics are recomputed, two-pass as in the forward) and the output's gradient dy:
+//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma, xhat = (x - mean) * rstd,
+// and dy_xhat = dy * xhat, whose column sums are gamma's gradient (beta's is dy's column sums).
+// One warp per row as in the forward; launch with ceil(rows / WARPS) blocks of THREADS.
+template <int PER_LANE>
+__device__ __forceinline__ void layer_norm_backward(const float* __restrict__ x,
+                                                    const float* __restrict__ dy,
+                                                    const float* __restrict__ gamma,
+                                                    float* __restrict__ dx,
+                                                    float* __restrict__ dy_xhat, int rows,
+                                                    int hidden, float eps) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * WARPS + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: no block-wide barrier follows
+  const unsigned long long offset = (unsigned long long)row * hidden;
+  float xhat[PER_LANE];
+  float g[PER_LANE];
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    xhat[j] = c < hidden ? x[offset + c] : 0.0f;
+  }
+  float mean, rstd;
+  row_statistics<PER_LANE>(xhat, lane, hidden, eps, mean, rstd);
+  float sum_g = 0.0f;
+  float sum_g_xhat = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    xhat[j] = 0.0f;
+    g[j] = 0.0f;
+    if (c < hidden) {
+      xhat[j] = (x[offset + c] - mean) * rstd;
+      g[j] = dy[offset + c] * gamma[c];
+      sum_g += g[j];
+      sum_g_xhat += g[j] * xhat[j];
+    }
+  }
+  const float mean_g = warp_sum(sum_g) / hidden;
+  const float mean_g_xhat = warp_sum(sum_g_xhat) / hidden;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    if (c < hidden) {
+      dx[offset + c] = rstd * (g[j] - mean_g - xhat[j] * mean_g_xhat);
+      dy_xhat[offset + c] = dy[offset + c] * xhat[j];
     }
   }
 }
@@ -171,6 +235,21 @@ BERT_BIAS_GELU(bias_gelu_bf16, __nv_bfloat16)
 BERT_LAYER_NORMS(float, f32)
 BERT_LAYER_NORMS(__half, f16)
 BERT_LAYER_NORMS(__nv_bfloat16, bf16)
+
+#define BERT_LAYER_NORM_BACKWARD(PER_LANE)                                                   \
+  extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                     \
+      layer_norm_backward_f32_##PER_LANE(const float* x, const float* dy, const float* gamma, \
+                                         float* dx, float* dy_xhat, int rows, int hidden,    \
+                                         float eps) {                                        \
+    bert_epilogues::layer_norm_backward<PER_LANE>(x, dy, gamma, dx, dy_xhat, rows, hidden,   \
+                                                  eps);                                      \
+  }
+BERT_LAYER_NORM_BACKWARD(4)
+BERT_LAYER_NORM_BACKWARD(8)
+BERT_LAYER_NORM_BACKWARD(12)
+BERT_LAYER_NORM_BACKWARD(16)
+BERT_LAYER_NORM_BACKWARD(24)
+BERT_LAYER_NORM_BACKWARD(32)
 
 #define BERT_DROPOUT_MASK(NAME, T)                                                              \
   extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                        \

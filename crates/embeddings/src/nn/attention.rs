@@ -91,10 +91,11 @@ pub fn fused_attention<'m>(
 
 static GPU_FUSED_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Whether inference on a GPU may use this crate's own kernels (on by default): the fused
-/// attention, bias + GELU, and bias + residual + LayerNorm. With them off, the plain path runs
-/// (candle's matmuls, an f32 softmax, element-wise ops, the composed LayerNorm). For comparing
-/// the two (`bert selftest`) and as an escape hatch. Process-wide.
+/// Whether a GPU may use this crate's own kernels (on by default): in inference the fused
+/// attention, bias + GELU, and bias + residual + LayerNorm; in f32 training, LayerNorm's forward
+/// and backward. With them off, the plain path runs (candle's matmuls, an f32 softmax,
+/// element-wise ops, the composed LayerNorm). For comparing the two (`bert selftest`) and as an
+/// escape hatch. Process-wide.
 pub fn set_gpu_fused_kernels(enabled: bool) {
     GPU_FUSED_KERNELS.store(enabled, std::sync::atomic::Ordering::Relaxed);
 }

@@ -57,7 +57,8 @@ impl Module for LayerNorm {
         // CPU kernel is two-pass, with its own backward; other devices take the composed (also
         // two-pass) path.
         if !x.device().is_cpu() {
-            // On CUDA, for inference (nothing tracking a gradient), one fused kernel.
+            // On CUDA, for inference (nothing tracking a gradient), one fused kernel; in f32
+            // training, the same kernel forward and one of its own backward.
             #[cfg(feature = "cuda")]
             if gpu_fused_kernels() {
                 let fused = crate::cuda_epilogues::residual_layer_norm(
@@ -68,6 +69,12 @@ impl Module for LayerNorm {
                     self.eps,
                 )?;
                 if let Some(y) = fused {
+                    return Ok(y);
+                }
+                // Training (something tracks a gradient): two kernels and two column sums.
+                let train =
+                    crate::cuda_epilogues::layer_norm_train(x, &self.weight, &self.bias, self.eps)?;
+                if let Some(y) = train {
                     return Ok(y);
                 }
             }
