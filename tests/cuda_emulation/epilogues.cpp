@@ -83,6 +83,57 @@ extern "C" int emulated_layer_norm_backward(const float* x, const float* dy, con
 #undef BERT_EMULATED_BACKWARD
 }
 
+// x, out: [rows, keys] (rows = batch * rows_per_sequence); bias: [batch, keys]. `per_lane`:
+// 1, 2, 4, 8 or 16 (keys <= 32 * per_lane). Returns 0, or 1 for a build that does not exist or
+// is too small.
+extern "C" int emulated_attention_softmax(const float* x, const float* bias, float* out,
+                                          int rows, int keys, int rows_per_sequence, float scale,
+                                          int per_lane) {
+  using namespace bert_epilogues;
+  if (keys <= 0 || keys > 32 * per_lane) return 1;
+  const int blocks = (rows + WARPS - 1) / WARPS;
+#define BERT_EMULATED_SOFTMAX(N)                                                         \
+  case N:                                                                                \
+    emulation::launch({blocks, 1, 1}, THREADS, [=] {                                     \
+      attention_softmax<N>(x, bias, out, rows, keys, rows_per_sequence, scale);          \
+    });                                                                                  \
+    return 0;
+  switch (per_lane) {
+    BERT_EMULATED_SOFTMAX(1)
+    BERT_EMULATED_SOFTMAX(2)
+    BERT_EMULATED_SOFTMAX(4)
+    BERT_EMULATED_SOFTMAX(8)
+    BERT_EMULATED_SOFTMAX(16)
+    default:
+      return 1;
+  }
+#undef BERT_EMULATED_SOFTMAX
+}
+
+// y, dy, dx: [rows, keys]; `per_lane` as above. Returns 0, or 1 as above.
+extern "C" int emulated_attention_softmax_backward(const float* y, const float* dy, float* dx,
+                                                   int rows, int keys, float scale,
+                                                   int per_lane) {
+  using namespace bert_epilogues;
+  if (keys <= 0 || keys > 32 * per_lane) return 1;
+  const int blocks = (rows + WARPS - 1) / WARPS;
+#define BERT_EMULATED_SOFTMAX_BACKWARD(N)                                                \
+  case N:                                                                                \
+    emulation::launch({blocks, 1, 1}, THREADS,                                           \
+                      [=] { attention_softmax_backward<N>(y, dy, dx, rows, keys, scale); }); \
+    return 0;
+  switch (per_lane) {
+    BERT_EMULATED_SOFTMAX_BACKWARD(1)
+    BERT_EMULATED_SOFTMAX_BACKWARD(2)
+    BERT_EMULATED_SOFTMAX_BACKWARD(4)
+    BERT_EMULATED_SOFTMAX_BACKWARD(8)
+    BERT_EMULATED_SOFTMAX_BACKWARD(16)
+    default:
+      return 1;
+  }
+#undef BERT_EMULATED_SOFTMAX_BACKWARD
+}
+
 // out: `total` floats of the mask (see dropout_mask). Always 0.
 extern "C" int emulated_dropout_mask(float* out, unsigned long long total,
                                      unsigned long long state, float p, float scale) {

@@ -109,6 +109,11 @@ pub fn assert_gradient_close(name: &str, ours: &Tensor, expected: &Tensor) {
 /// The GPU kernels (`crates/embeddings/src/cuda/`) run on the CPU under
 /// `tests/cuda_emulation/` (compiled by `build.rs`), element type f32.
 pub mod cuda_emulation {
+    /// A size as the kernels' `int`.
+    fn to_i32(n: usize) -> i32 {
+        i32::try_from(n).expect("size fits i32")
+    }
+
     extern "C" {
         fn emulated_dropout_mask(out: *mut f32, total: u64, state: u64, p: f32, scale: f32) -> i32;
         #[allow(clippy::too_many_arguments)]
@@ -121,6 +126,26 @@ pub mod cuda_emulation {
             rows: i32,
             hidden: i32,
             eps: f32,
+            per_lane: i32,
+        ) -> i32;
+        #[allow(clippy::too_many_arguments)]
+        fn emulated_attention_softmax(
+            x: *const f32,
+            bias: *const f32,
+            out: *mut f32,
+            rows: i32,
+            keys: i32,
+            rows_per_sequence: i32,
+            scale: f32,
+            per_lane: i32,
+        ) -> i32;
+        fn emulated_attention_softmax_backward(
+            y: *const f32,
+            dy: *const f32,
+            dx: *mut f32,
+            rows: i32,
+            keys: i32,
+            scale: f32,
             per_lane: i32,
         ) -> i32;
         fn emulated_adamw_step(
@@ -187,7 +212,6 @@ pub mod cuda_emulation {
         }
         let mut out = vec![f32::NAN; batch * seq * hidden];
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
         // SAFETY: the sizes were checked above; the kernel reads qkv and both biases within
         // them and writes out within [batch, seq, hidden].
         let status = unsafe {
@@ -219,7 +243,6 @@ pub mod cuda_emulation {
         head_dim: usize,
     ) -> Option<Vec<f32>> {
         let hidden = heads * head_dim;
-        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
         let mut starts = vec![0i32];
         for &length in lengths {
             starts.push(starts[starts.len() - 1] + to_i32(length));
@@ -334,7 +357,6 @@ pub mod cuda_emulation {
         assert!(bias.is_none_or(|b| b.len() == hidden), "bias size");
         assert!(residual.is_none_or(|r| r.len() == x.len()), "residual size");
         let mut out = vec![f32::NAN; x.len()];
-        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
         // SAFETY: the sizes were checked above; the kernel reads and writes within them.
         let status = unsafe {
             emulated_residual_layer_norm(
@@ -372,7 +394,6 @@ pub mod cuda_emulation {
         assert_eq!(dy.len(), x.len(), "dy size");
         let mut dx = vec![f32::NAN; x.len()];
         let mut dy_xhat = vec![f32::NAN; x.len()];
-        let to_i32 = |n: usize| i32::try_from(n).expect("size fits i32");
         // SAFETY: the sizes were checked above; the kernel reads and writes within them.
         let status = unsafe {
             emulated_layer_norm_backward(
@@ -388,5 +409,72 @@ pub mod cuda_emulation {
             )
         };
         (status == 0).then_some((dx, dy_xhat))
+    }
+
+    /// `softmax(scale * x + bias)` over rows of `keys` by `epilogues.cu`'s kernel built for
+    /// `per_lane` registers a lane: `x` is `[batch, rows_per_sequence, keys]` (flat) and `bias`
+    /// `[batch, keys]`. `None` for a build that does not exist or is too small.
+    pub fn attention_softmax(
+        x: &[f32],
+        bias: &[f32],
+        keys: usize,
+        scale: f32,
+        per_lane: usize,
+    ) -> Option<Vec<f32>> {
+        assert!(
+            keys > 0 && bias.len().is_multiple_of(keys),
+            "bias is rows of keys"
+        );
+        let batch = bias.len() / keys;
+        assert!(
+            x.len().is_multiple_of(batch * keys),
+            "x is batch blocks of rows of keys"
+        );
+        let rows = x.len() / keys;
+        let mut out = vec![f32::NAN; x.len()];
+        // SAFETY: the sizes were checked above; the kernel reads and writes within them.
+        let status = unsafe {
+            emulated_attention_softmax(
+                x.as_ptr(),
+                bias.as_ptr(),
+                out.as_mut_ptr(),
+                to_i32(rows),
+                to_i32(keys),
+                to_i32(rows / batch),
+                scale,
+                to_i32(per_lane),
+            )
+        };
+        (status == 0).then_some(out)
+    }
+
+    /// The backward of [`attention_softmax`] by `epilogues.cu`'s kernel, from the output `y`
+    /// and its gradient `dy` in rows of `keys`: the scores' gradient.
+    pub fn attention_softmax_backward(
+        y: &[f32],
+        dy: &[f32],
+        keys: usize,
+        scale: f32,
+        per_lane: usize,
+    ) -> Option<Vec<f32>> {
+        assert!(
+            keys > 0 && y.len().is_multiple_of(keys),
+            "y is rows of keys"
+        );
+        assert_eq!(dy.len(), y.len(), "dy size");
+        let mut dx = vec![f32::NAN; y.len()];
+        // SAFETY: the sizes were checked above; the kernel reads and writes within them.
+        let status = unsafe {
+            emulated_attention_softmax_backward(
+                y.as_ptr(),
+                dy.as_ptr(),
+                dx.as_mut_ptr(),
+                to_i32(y.len() / keys),
+                to_i32(keys),
+                scale,
+                to_i32(per_lane),
+            )
+        };
+        (status == 0).then_some(dx)
     }
 }

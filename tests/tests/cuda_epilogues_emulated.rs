@@ -4,12 +4,14 @@
 //! bias + residual + LayerNorm for every register build, rows that fill a lane's registers
 //! exactly or partly, blocks with idle warps, every combination of bias and residual, and rows
 //! far from zero mean (where `E[x^2] - mean^2` would cancel); LayerNorm's backward against
-//! candle's autograd through the CPU LayerNorm in f64.
+//! candle's autograd through the CPU LayerNorm in f64; the attention softmax and its backward
+//! against plain loops and that autograd.
 
 use bert::bert_embeddings::nn::SplitMix64;
 use bert::{Device, Tensor};
 use bert_tests::cuda_emulation::{
-    bias_gelu, dropout_mask, layer_norm_backward, residual_layer_norm,
+    attention_softmax, attention_softmax_backward, bias_gelu, dropout_mask, layer_norm_backward,
+    residual_layer_norm,
 };
 use bert_tests::max_abs_diff;
 
@@ -205,6 +207,68 @@ fn layer_norm_backward_matches_autograd() {
     }
     assert!(
         layer_norm_backward(&[0.0; 200], &[0.0; 200], &[1.0; 200], 1e-12, 4).is_none(),
+        "a build too small for the row is refused"
+    );
+}
+
+#[test]
+fn attention_softmax_and_its_backward_match_the_cpu() {
+    use bert::bert_embeddings::nn::attention_probabilities;
+    use candle_core::Var;
+    let mut rng = SplitMix64(15);
+    let (heads, queries) = (3, 5);
+    // (batch, keys, registers a lane), each sequence's real keys: a 1-key row, partial lanes,
+    // the widest build, a sequence padded to one key.
+    let cases: [(usize, usize, &[usize]); 4] = [
+        (1, 1, &[1]),
+        (2, 50, &[50, 17]),
+        (2, 512, &[512, 300]),
+        (3, 96, &[96, 1, 40]),
+    ];
+    for (batch, keys, lengths) in cases {
+        let per_lane = [1, 2, 4, 8, 16]
+            .into_iter()
+            .find(|&p| 32 * p >= keys)
+            .unwrap();
+        let scale = 0.125f32;
+        let x = normal(&mut rng, batch * heads * queries * keys, 4.0, 0.0);
+        let dy = normal(&mut rng, x.len(), 1.0, 0.0);
+        let bias: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&n| (0..keys).map(move |k| if k < n { 0.0 } else { f32::MIN }))
+            .collect();
+        let y = attention_softmax(&x, &bias, keys, scale, per_lane).expect("a build");
+        let dx = attention_softmax_backward(&y, &dy, keys, scale, per_lane).expect("a build");
+
+        // The CPU's attention probabilities in f64, and their gradient by autograd.
+        let f64_tensor = |v: &[f32], shape: &[usize]| {
+            Tensor::from_slice(v, shape, &Device::Cpu)
+                .and_then(|t| t.to_dtype(bert::DType::F64))
+                .unwrap()
+        };
+        let scores = Var::from_tensor(&f64_tensor(&x, &[batch, heads, queries, keys])).unwrap();
+        let mask = f64_tensor(&bias, &[batch, 1, 1, keys]);
+        let probs = attention_probabilities(scores.as_tensor(), Some(&mask), scale as f64).unwrap();
+        let grads = (&probs * f64_tensor(&dy, &[batch, heads, queries, keys]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let diff = max_diff(&y, &flat(&probs));
+        assert!(
+            diff <= 1e-6,
+            "{batch} x {keys}: probabilities max |diff| {diff:e}"
+        );
+        let diff = max_diff(&dx, &flat(grads.get(scores.as_tensor()).unwrap()));
+        assert!(
+            diff <= 1e-6,
+            "{batch} x {keys}: gradient max |diff| {diff:e}"
+        );
+    }
+    assert!(
+        attention_softmax(&[0.0; 40], &[0.0; 40], 40, 1.0, 1).is_none(),
         "a build too small for the row is refused"
     );
 }

@@ -17,9 +17,9 @@
 //! ([`bert_embeddings::nn::set_gpu_fused_kernels`]), also: per dtype, the model with the
 //! kernels against the model on the plain path (f32 within [`F32_LIMIT`], f16/bf16 cosine >=
 //! [`HALF_COSINE`]); the epilogue kernels alone (bias + GELU, bias + residual + LayerNorm) on
-//! random inputs against the CPU in f32 on the same values; training's f32 LayerNorm (the
-//! forward kernel and its backward kernel): its gradients against the CPU's, within
-//! [`F32_LIMIT`]; and, where the build has it, the
+//! random inputs against the CPU in f32 on the same values; training's f32 LayerNorm and
+//! attention softmax (each a forward kernel and a backward kernel): their outputs' gradients
+//! against the CPU's, within [`F32_LIMIT`]; and, where the build has it, the
 //! fused attention kernel alone (both head sizes it is built for: a padded sequence, and
 //! packed rows of four sequences after a QKV projection whose bias the kernel adds) against
 //! the CPU's exact f32 attention on the same inputs. Kernel-alone checks: f32 within
@@ -246,6 +246,7 @@ pub fn run(
             checks.extend(epilogue_kernel_checks(device, dtype)?);
         }
         checks.push(layer_norm_gradient_check(device)?);
+        checks.push(softmax_gradient_check(device)?);
         if bert_embeddings::nn::gpu_fused_attention_built() {
             for dtype in [DType::F16, DType::BF16] {
                 for head_dim in [32, 64] {
@@ -353,6 +354,15 @@ fn epilogue_kernel_checks(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         .collect()
 }
 
+/// The largest max |difference| of the pairs of `a` and `b` (same shapes, on the CPU).
+fn largest_difference(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
+    let mut largest = 0f64;
+    for (a, b) in a.iter().zip(b) {
+        largest = largest.max(max_abs_diff(a, b)?);
+    }
+    Ok(largest)
+}
+
 /// Training's LayerNorm on the GPU (its forward kernel and its own backward kernel) against
 /// the CPU's: the gradients of `sum(LayerNorm(x) * dy)` for x, gamma and beta, on random
 /// `[2, 100, 768]` f32 inputs off zero mean; the largest |difference| of any of them.
@@ -386,14 +396,48 @@ fn layer_norm_gradient_check(device: &Device) -> Result<Check> {
             })
             .collect()
     };
-    let (on_device, on_cpu) = (gradients(device)?, gradients(&Device::Cpu)?);
-    let mut worst = 0f64;
-    for (a, b) in on_device.iter().zip(&on_cpu) {
-        worst = worst.max(max_abs_diff(a, b)?);
-    }
     Ok(Check {
         name: "f32 LayerNorm gradients (training) vs CPU".into(),
-        value: worst,
+        value: largest_difference(&gradients(device)?, &gradients(&Device::Cpu)?)?,
+        limit: Limit::AtMost(F32_LIMIT),
+    })
+}
+
+/// Attention's f32 softmax on the GPU (its kernel and its backward kernel, as training runs
+/// them) against the CPU's: the probabilities and the scores' gradient of
+/// `sum(softmax(scale * scores + mask) * dy)` on random `[2, 12, 100, 100]` scores, the second
+/// sequence padded after 40 keys; the largest |difference| of either.
+fn softmax_gradient_check(device: &Device) -> Result<Check> {
+    use bert_embeddings::nn::{attention_probabilities, SplitMix64};
+    use candle_core::Var;
+    let shape = [2, 12, 100, 100];
+    let mut rng = SplitMix64(100);
+    let mut random = |n: usize, scale: f64| -> Vec<f32> {
+        (0..n).map(|_| (scale * rng.next_normal()) as f32).collect()
+    };
+    let scores = random(shape.iter().product(), 4.0);
+    let dy = random(scores.len(), 1.0);
+    let mask: Vec<f32> = (0..2 * 100)
+        .map(|i| if i >= 100 + 40 { f32::MIN } else { 0.0 })
+        .collect();
+    let run = |place: &Device| -> Result<[Tensor; 2]> {
+        let scores = Var::from_tensor(&Tensor::from_slice(&scores, &shape, place)?)?;
+        let mask = Tensor::from_slice(&mask, (2, 1, 1, 100), place)?;
+        let probs = attention_probabilities(scores.as_tensor(), Some(&mask), 0.125)?;
+        let grads = (&probs * Tensor::from_slice(&dy, &shape, place)?)?
+            .sum_all()?
+            .backward()?;
+        let grad = grads
+            .get(scores.as_tensor())
+            .ok_or_else(|| Error::SelfTest("the attention softmax recorded no gradient".into()))?;
+        Ok([
+            probs.to_device(&Device::Cpu)?,
+            grad.to_device(&Device::Cpu)?,
+        ])
+    };
+    Ok(Check {
+        name: "f32 attention softmax + gradient vs CPU".into(),
+        value: largest_difference(&run(device)?, &run(&Device::Cpu)?)?,
         limit: Limit::AtMost(F32_LIMIT),
     })
 }
@@ -495,6 +539,12 @@ mod tests {
     #[test]
     fn the_layer_norm_gradient_check_runs() {
         let check = layer_norm_gradient_check(&Device::Cpu).unwrap();
+        assert_eq!(check.value, 0.0, "{}", check.line());
+    }
+
+    #[test]
+    fn the_softmax_gradient_check_runs() {
+        let check = softmax_gradient_check(&Device::Cpu).unwrap();
         assert_eq!(check.value, 0.0, "{}", check.line());
     }
 

@@ -356,6 +356,118 @@ impl CustomOp3 for LayerNormTrainOp {
     }
 }
 
+/// Rows the attention softmax kernels take: up to 32 x this many keys.
+const SOFTMAX_PER_LANE_BUILDS: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// The attention softmax kernels' build for rows of `keys`: `None` past 512 keys.
+pub(crate) fn softmax_per_lane(keys: usize) -> Option<usize> {
+    SOFTMAX_PER_LANE_BUILDS
+        .into_iter()
+        .find(|&registers| keys > 0 && 32 * registers >= keys)
+}
+
+/// `softmax(scale * x + bias)` on CUDA for f32 scores `x` (`[batch, .., keys]`, contiguous) and
+/// a `[batch, keys]` bias: the `attention_softmax` kernel, for `kernels::AttentionSoftmaxOp`.
+pub(crate) fn attention_softmax(
+    (x, x_layout): (&CudaStorage, &Layout),
+    (bias, bias_layout): (&CudaStorage, &Layout),
+    scale: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let keys = x_layout.dims().last().copied().unwrap_or(0);
+    let (x_view, bias_view) = (
+        storage_view::<f32>(x, x_layout)?,
+        storage_view::<f32>(bias, bias_layout)?,
+    );
+    let Some(per_lane) = softmax_per_lane(keys) else {
+        candle_core::bail!("attention softmax kernel: rows of {keys} keys are not built")
+    };
+    let (rows, batch) = (x_view.len() / keys, bias_view.len() / keys);
+    if batch == 0
+        || bias_view.len() != batch * keys
+        || x_view.len() != rows * keys
+        || rows % batch != 0
+    {
+        candle_core::bail!(
+            "attention softmax kernel: scores {:?} and bias {:?} do not fit",
+            x_layout.dims(),
+            bias_layout.dims()
+        )
+    }
+    let device = x.device().clone();
+    let func = device.get_or_load_custom_func(
+        &format!("attention_softmax_f32_{per_lane}"),
+        MODULE,
+        PTX,
+    )?;
+    // SAFETY: the kernel writes every element of every row.
+    let out = unsafe { device.alloc::<f32>(rows * keys)? };
+    let (rows_i32, keys_i32) = (to_i32(rows)?, to_i32(keys)?);
+    let (per_sequence, scale) = (to_i32(rows / batch)?, scale as f32);
+    let mut builder = func.builder();
+    builder.arg(&x_view);
+    builder.arg(&bias_view);
+    builder.arg(&out);
+    builder.arg(&rows_i32);
+    builder.arg(&keys_i32);
+    builder.arg(&per_sequence);
+    builder.arg(&scale);
+    // SAFETY: the arguments match the kernel's signature; x and out hold `[rows, keys]` f32,
+    // bias `[batch, keys]`, and `keys` fits this build's registers.
+    unsafe { builder.launch(grid(rows.div_ceil(WARPS))?) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, device),
+        x_layout.shape().clone(),
+    ))
+}
+
+/// The scores' gradient `scale * y * (dy - sum(dy * y))` on CUDA from [`attention_softmax`]'s
+/// output `y` and its gradient `dy` (f32, contiguous, the same shape).
+pub(crate) fn attention_softmax_backward(
+    (y, y_layout): (&CudaStorage, &Layout),
+    (dy, dy_layout): (&CudaStorage, &Layout),
+    scale: f64,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let keys = y_layout.dims().last().copied().unwrap_or(0);
+    let (y_view, dy_view) = (
+        storage_view::<f32>(y, y_layout)?,
+        storage_view::<f32>(dy, dy_layout)?,
+    );
+    let Some(per_lane) = softmax_per_lane(keys) else {
+        candle_core::bail!("attention softmax kernel: rows of {keys} keys are not built")
+    };
+    let rows = y_view.len() / keys;
+    if dy_view.len() != y_view.len() || y_view.len() != rows * keys {
+        candle_core::bail!(
+            "attention softmax backward: y {:?} and dy {:?} differ",
+            y_layout.dims(),
+            dy_layout.dims()
+        )
+    }
+    let device = y.device().clone();
+    let func = device.get_or_load_custom_func(
+        &format!("attention_softmax_backward_f32_{per_lane}"),
+        MODULE,
+        PTX,
+    )?;
+    // SAFETY: the kernel writes every element of every row.
+    let dx = unsafe { device.alloc::<f32>(rows * keys)? };
+    let (rows_i32, keys_i32, scale) = (to_i32(rows)?, to_i32(keys)?, scale as f32);
+    let mut builder = func.builder();
+    builder.arg(&y_view);
+    builder.arg(&dy_view);
+    builder.arg(&dx);
+    builder.arg(&rows_i32);
+    builder.arg(&keys_i32);
+    builder.arg(&scale);
+    // SAFETY: the arguments match the kernel's signature; y, dy and dx hold `[rows, keys]` f32
+    // and `keys` fits this build's registers.
+    unsafe { builder.launch(grid(rows.div_ceil(WARPS))?) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(dx, device),
+        y_layout.shape().clone(),
+    ))
+}
+
 /// Dropout's mask for `x` on CUDA, in its dtype and shape: `scale` where kept, 0 where
 /// dropped, element i kept when draw i + 1 of the SplitMix64 stream at `state` is at least
 /// `p` (the flags the CPU draws from that stream). A constant: no gradient of its own.

@@ -14,10 +14,12 @@
 //   residual streams).
 //
 // And for training: dropout's keep mask drawn where it is used (dropout_mask), from the same
-// seeded stream as the CPU's, the host only moving the stream's state on; and LayerNorm's
+// seeded stream as the CPU's, the host only moving the stream's state on; LayerNorm's
 // backward in f32 (layer_norm_backward), the forward being residual_layer_norm's, so a
 // training LayerNorm is two kernels and two column sums where composed ops take about
-// thirty launches.
+// thirty launches; and attention's f32 softmax(scale * scores + padding bias) with its
+// backward (attention_softmax, attention_softmax_backward): one pass each where composed ops
+// take three (inference) to seven (training) forward.
 //
 // The same source builds under a CPU emulation of the CUDA primitives it uses
 // (tests/cuda_emulation/), which checks it against plain loops in the test suite.
@@ -187,6 +189,80 @@ __device__ __forceinline__ void layer_norm_backward(const float* __restrict__ x,
   }
 }
 
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+// softmax(scale * x + bias) over rows of `keys` <= 32 * PER_LANE f32 scores, x
+// [batch, heads, queries, keys] and bias [batch, keys] (BERT's padding mask, 0 or f32::MIN, one
+// row per sequence shared by its rows_per_sequence = heads * queries rows). One warp per row,
+// the row in registers; launch with ceil(rows / WARPS) blocks of THREADS.
+template <int PER_LANE>
+__device__ __forceinline__ void attention_softmax(const float* __restrict__ x,
+                                                  const float* __restrict__ bias,
+                                                  float* __restrict__ out, int rows, int keys,
+                                                  int rows_per_sequence, float scale) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * WARPS + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: no block-wide barrier follows
+  const unsigned long long offset = (unsigned long long)row * keys;
+  const float* row_bias = bias + (unsigned long long)(row / rows_per_sequence) * keys;
+  float v[PER_LANE];
+  float most = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    v[j] = c < keys ? x[offset + c] * scale + row_bias[c] : -INFINITY;
+    most = fmaxf(most, v[j]);
+  }
+  most = warp_max(most);  // finite: every row has at least one key, and the bias is finite
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    v[j] = expf(v[j] - most);  // 0 past the row's end
+    sum += v[j];
+  }
+  const float inverse = 1.0f / warp_sum(sum);
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    if (c < keys) out[offset + c] = v[j] * inverse;
+  }
+}
+
+// The backward of attention_softmax from its output y and the output's gradient dy:
+// dx = scale * y * (dy - sum(dy * y)) per row (the bias takes no gradient).
+template <int PER_LANE>
+__device__ __forceinline__ void attention_softmax_backward(const float* __restrict__ y,
+                                                           const float* __restrict__ dy,
+                                                           float* __restrict__ dx, int rows,
+                                                           int keys, float scale) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * WARPS + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: no block-wide barrier follows
+  const unsigned long long offset = (unsigned long long)row * keys;
+  float p[PER_LANE];
+  float g[PER_LANE];
+  float dot = 0.0f;
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    p[j] = c < keys ? y[offset + c] : 0.0f;
+    g[j] = c < keys ? dy[offset + c] : 0.0f;
+    dot += p[j] * g[j];
+  }
+  dot = warp_sum(dot);
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j) {
+    const int c = j * 32 + lane;
+    if (c < keys) dx[offset + c] = scale * p[j] * (g[j] - dot);
+  }
+}
+
 // Dropout's mask over `total` elements: `scale` where kept, 0 where dropped. Element i takes
 // draw i + 1 of the SplitMix64 stream whose state is `state` (the generator adds the golden
 // gamma before each draw, so draw k mixes state + k * gamma), kept when its 24-bit uniform is
@@ -250,6 +326,26 @@ BERT_LAYER_NORM_BACKWARD(12)
 BERT_LAYER_NORM_BACKWARD(16)
 BERT_LAYER_NORM_BACKWARD(24)
 BERT_LAYER_NORM_BACKWARD(32)
+
+// Rows of up to 32, 64, 128, 256 and 512 keys.
+#define BERT_ATTENTION_SOFTMAX(PER_LANE)                                                      \
+  extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                       \
+      attention_softmax_f32_##PER_LANE(const float* x, const float* bias, float* out,          \
+                                       int rows, int keys, int rows_per_sequence,              \
+                                       float scale) {                                          \
+    bert_epilogues::attention_softmax<PER_LANE>(x, bias, out, rows, keys, rows_per_sequence,   \
+                                                scale);                                        \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                       \
+      attention_softmax_backward_f32_##PER_LANE(const float* y, const float* dy, float* dx,    \
+                                                int rows, int keys, float scale) {             \
+    bert_epilogues::attention_softmax_backward<PER_LANE>(y, dy, dx, rows, keys, scale);        \
+  }
+BERT_ATTENTION_SOFTMAX(1)
+BERT_ATTENTION_SOFTMAX(2)
+BERT_ATTENTION_SOFTMAX(4)
+BERT_ATTENTION_SOFTMAX(8)
+BERT_ATTENTION_SOFTMAX(16)
 
 #define BERT_DROPOUT_MASK(NAME, T)                                                              \
   extern "C" __global__ void __launch_bounds__(bert_epilogues::THREADS)                        \

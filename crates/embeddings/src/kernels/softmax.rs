@@ -74,6 +74,19 @@ impl CustomOp2 for AttentionSoftmaxOp {
         Ok((out, xl.shape().clone()))
     }
 
+    /// f32 on CUDA (`nn::attention_probabilities` sends nothing else): the kernel of
+    /// `cuda/epilogues.cu`, rows of up to 512 keys.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        bias: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_epilogues::attention_softmax((x, xl), (bias, bl), self.scale)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -107,5 +120,16 @@ impl CustomOp2 for SoftmaxBackward {
         let name = self.name();
         let out = per_float!(name, [F32, F64], (y => y @ yl, dy => dy @ dyl), self.0.backward(y, dy, keys));
         Ok((out, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda_epilogues::attention_softmax_backward((y, yl), (dy, dyl), self.0.scale)
     }
 }

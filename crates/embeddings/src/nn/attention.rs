@@ -15,17 +15,24 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Attention probabilities `softmax(scale * scores + bias)` over the last dimension.
 /// `scores`: `[batch, heads, queries, keys]`; `bias`: an additive mask broadcastable to it.
-/// On the CPU, a per-sequence bias (`[batch, 1, 1, keys]`, the padding mask) and f32/f64 scores
-/// take one fused kernel with its own backward; anything else the composed ops.
+/// A per-sequence bias (`[batch, 1, 1, keys]`, the padding mask) or none takes one fused kernel
+/// with its own backward: on the CPU for f32/f64 scores, on CUDA for f32 scores of up to 512
+/// keys (with the GPU kernels on, [`set_gpu_fused_kernels`]); anything else the composed ops.
 pub fn attention_probabilities(
     scores: &Tensor,
     bias: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let (batch, _, _, keys) = scores.dims4()?;
-    let fused = scores.device().is_cpu()
-        && matches!(scores.dtype(), DType::F32 | DType::F64)
-        && bias.is_none_or(|b| b.dims() == [batch, 1, 1, keys]);
+    let on_cpu = scores.device().is_cpu() && matches!(scores.dtype(), DType::F32 | DType::F64);
+    #[cfg(feature = "cuda")]
+    let on_gpu = scores.device().is_cuda()
+        && scores.dtype() == DType::F32
+        && crate::cuda_epilogues::softmax_per_lane(keys).is_some()
+        && gpu_fused_kernels();
+    #[cfg(not(feature = "cuda"))]
+    let on_gpu = false;
+    let fused = (on_cpu || on_gpu) && bias.is_none_or(|b| b.dims() == [batch, 1, 1, keys]);
     if fused {
         let bias = match bias {
             Some(b) => b.reshape((batch, keys))?.to_dtype(scores.dtype())?,
@@ -92,8 +99,9 @@ pub fn fused_attention<'m>(
 static GPU_FUSED_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Whether a GPU may use this crate's own kernels (on by default): in inference the fused
-/// attention, bias + GELU, and bias + residual + LayerNorm; in f32 training, LayerNorm's forward
-/// and backward. With them off, the plain path runs (candle's matmuls, an f32 softmax,
+/// attention, bias + GELU, and bias + residual + LayerNorm; the f32 attention softmax (with
+/// its backward) wherever the plain attention path runs, training included; in f32 training,
+/// LayerNorm's forward and backward. With them off, the plain path runs (candle's matmuls, an f32 softmax,
 /// element-wise ops, the composed LayerNorm). For comparing the two (`bert selftest`) and as an
 /// escape hatch. Process-wide.
 pub fn set_gpu_fused_kernels(enabled: bool) {
