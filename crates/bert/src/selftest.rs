@@ -294,11 +294,8 @@ fn epilogue_kernel_checks(device: &Device, dtype: DType) -> Result<Vec<Check>> {
     use bert_embeddings::nn::{LayerNorm, Linear, SplitMix64};
     let (hidden, intermediate) = (384, 1536);
     let mut rng = SplitMix64(dtype.size_in_bytes() as u64);
-    let mut random = |shape: &[usize], scale: f64, offset: f64| -> Result<Tensor> {
-        let values: Vec<f32> = (0..shape.iter().product())
-            .map(|_| (offset + scale * rng.next_normal()) as f32)
-            .collect();
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)
+    let mut random = |shape: &[usize], scale: f64, offset: f64| {
+        normal_tensor(&mut rng, shape, (scale, offset), dtype)
     };
     let x = random(&[2, 100, hidden], 1.0, 0.0)?;
     let inner = random(&[2, 100, intermediate], 1.0, 0.0)?;
@@ -354,6 +351,20 @@ fn epilogue_kernel_checks(device: &Device, dtype: DType) -> Result<Vec<Check>> {
         .collect()
 }
 
+/// `shape` values drawn by `rng` from a normal of standard deviation `scale` around `offset`,
+/// rounded to f32, as a tensor on the CPU in `dtype`.
+fn normal_tensor(
+    rng: &mut bert_embeddings::nn::SplitMix64,
+    shape: &[usize],
+    (scale, offset): (f64, f64),
+    dtype: DType,
+) -> Result<Tensor> {
+    let values: Vec<f32> = (0..shape.iter().product())
+        .map(|_| (offset + scale * rng.next_normal()) as f32)
+        .collect();
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)
+}
+
 /// The largest max |difference| of the pairs of `a` and `b` (same shapes, on the CPU).
 fn largest_difference(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
     let mut largest = 0f64;
@@ -371,11 +382,8 @@ fn layer_norm_gradient_check(device: &Device) -> Result<Check> {
     use candle_core::{Module, Var};
     let hidden = 768;
     let mut rng = SplitMix64(768);
-    let mut random = |shape: &[usize], scale: f64, offset: f64| -> Result<Tensor> {
-        let values: Vec<f32> = (0..shape.iter().product())
-            .map(|_| (offset + scale * rng.next_normal()) as f32)
-            .collect();
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    let mut random = |shape: &[usize], scale: f64, offset: f64| {
+        normal_tensor(&mut rng, shape, (scale, offset), DType::F32)
     };
     let x = random(&[2, 100, hidden], 2.0, 5.0)?;
     let dy = random(&[2, 100, hidden], 1.0, 0.0)?;
@@ -412,21 +420,16 @@ fn softmax_gradient_check(device: &Device) -> Result<Check> {
     use candle_core::Var;
     let shape = [2, 12, 100, 100];
     let mut rng = SplitMix64(100);
-    let mut random = |n: usize, scale: f64| -> Vec<f32> {
-        (0..n).map(|_| (scale * rng.next_normal()) as f32).collect()
-    };
-    let scores = random(shape.iter().product(), 4.0);
-    let dy = random(scores.len(), 1.0);
+    let scores = normal_tensor(&mut rng, &shape, (4.0, 0.0), DType::F32)?;
+    let dy = normal_tensor(&mut rng, &shape, (1.0, 0.0), DType::F32)?;
     let mask: Vec<f32> = (0..2 * 100)
         .map(|i| if i >= 100 + 40 { f32::MIN } else { 0.0 })
         .collect();
     let run = |place: &Device| -> Result<[Tensor; 2]> {
-        let scores = Var::from_tensor(&Tensor::from_slice(&scores, &shape, place)?)?;
+        let scores = Var::from_tensor(&scores.to_device(place)?)?;
         let mask = Tensor::from_slice(&mask, (2, 1, 1, 100), place)?;
         let probs = attention_probabilities(scores.as_tensor(), Some(&mask), 0.125)?;
-        let grads = (&probs * Tensor::from_slice(&dy, &shape, place)?)?
-            .sum_all()?
-            .backward()?;
+        let grads = (&probs * dy.to_device(place)?)?.sum_all()?.backward()?;
         let grad = grads
             .get(scores.as_tensor())
             .ok_or_else(|| Error::SelfTest("the attention softmax recorded no gradient".into()))?;
@@ -448,11 +451,12 @@ fn attention_kernel_check(device: &Device, dtype: DType, head_dim: usize) -> Res
     use bert_embeddings::nn::{fused_attention_packed, SplitMix64};
     let (batch, seq, heads) = (2, 100, 12);
     let mut rng = SplitMix64(head_dim as u64);
-    let values: Vec<f32> = (0..batch * seq * 3 * heads * head_dim)
-        .map(|_| (2.0 * rng.next_normal()) as f32)
-        .collect();
-    let qkv = Tensor::from_vec(values, (batch, seq, 3 * heads * head_dim), &Device::Cpu)?
-        .to_dtype(dtype)?;
+    let qkv = normal_tensor(
+        &mut rng,
+        &[batch, seq, 3 * heads * head_dim],
+        (2.0, 0.0),
+        dtype,
+    )?;
     let mask: Vec<u32> = (0..batch * seq)
         .map(|i| u32::from(i < seq || i % seq < 40))
         .collect();
@@ -481,12 +485,8 @@ fn packed_attention_kernel_check(device: &Device, dtype: DType, head_dim: usize)
     let tokens: usize = lengths.iter().sum();
     let hidden = heads * head_dim;
     let mut rng = SplitMix64(1000 + head_dim as u64);
-    let mut random = |shape: &[usize], scale: f64| -> Result<Tensor> {
-        let values: Vec<f32> = (0..shape.iter().product())
-            .map(|_| (scale * rng.next_normal()) as f32)
-            .collect();
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)
-    };
+    let mut random =
+        |shape: &[usize], scale: f64| normal_tensor(&mut rng, shape, (scale, 0.0), dtype);
     // Projections of about 2 standard deviations, as trained BERT's are: peaked softmax rows.
     let x = random(&[1, tokens, hidden], 1.0)?;
     let weight = random(&[3 * hidden, hidden], 2.0 / (hidden as f64).sqrt())?;

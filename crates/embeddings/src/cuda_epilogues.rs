@@ -24,6 +24,15 @@ const WARPS: usize = THREADS / 32;
 /// LayerNorm builds: registers a lane, so rows of up to 32 x this many elements.
 const PER_LANE_BUILDS: [usize; 6] = [4, 8, 12, 16, 24, 32];
 
+/// The smallest of `builds` (registers a lane, warp-per-row kernels) whose warp holds a row of
+/// `width` values: `None` for an empty row or one wider than the largest build.
+fn per_lane_build(builds: &[usize], width: usize) -> Option<usize> {
+    builds
+        .iter()
+        .copied()
+        .find(|&registers| width > 0 && 32 * registers >= width)
+}
+
 /// Whether every tensor is on `x`'s CUDA device in its dtype, an f32, f16 or bf16 one, and
 /// none tracks a gradient (the kernels have no backward).
 fn applies(x: &Tensor, others: &[&Tensor]) -> bool {
@@ -113,9 +122,7 @@ pub(crate) fn residual_layer_norm(
     let mut others = vec![gamma, beta];
     others.extend(bias);
     others.extend(residual);
-    let per_lane = PER_LANE_BUILDS
-        .into_iter()
-        .find(|&registers| 32 * registers >= hidden);
+    let per_lane = per_lane_build(&PER_LANE_BUILDS, hidden);
     let shapes_fit = gamma.dims() == [hidden]
         && beta.dims() == [hidden]
         && bias.is_none_or(|b| b.dims() == [hidden])
@@ -123,9 +130,6 @@ pub(crate) fn residual_layer_norm(
     let (Some(per_lane), true, true) = (per_lane, shapes_fit, applies(x, &others)) else {
         return Ok(None);
     };
-    if hidden == 0 {
-        return Ok(None);
-    }
     let x = x.contiguous()?;
     let bias = bias.map(Tensor::contiguous).transpose()?;
     let residual = residual.map(Tensor::contiguous).transpose()?;
@@ -242,11 +246,8 @@ pub(crate) fn layer_norm_train(
     eps: f64,
 ) -> candle_core::Result<Option<Tensor>> {
     let hidden = x.dims().last().copied().unwrap_or(0);
-    let per_lane = PER_LANE_BUILDS
-        .into_iter()
-        .find(|&registers| 32 * registers >= hidden);
+    let per_lane = per_lane_build(&PER_LANE_BUILDS, hidden);
     let applies = x.device().is_cuda()
-        && hidden > 0
         && [x, gamma, beta]
             .iter()
             .all(|t| t.dtype() == DType::F32 && t.device().same_device(x.device()))
@@ -361,9 +362,7 @@ const SOFTMAX_PER_LANE_BUILDS: [usize; 5] = [1, 2, 4, 8, 16];
 
 /// The attention softmax kernels' build for rows of `keys`: `None` past 512 keys.
 pub(crate) fn softmax_per_lane(keys: usize) -> Option<usize> {
-    SOFTMAX_PER_LANE_BUILDS
-        .into_iter()
-        .find(|&registers| keys > 0 && 32 * registers >= keys)
+    per_lane_build(&SOFTMAX_PER_LANE_BUILDS, keys)
 }
 
 /// `softmax(scale * x + bias)` on CUDA for f32 scores `x` (`[batch, .., keys]`, contiguous) and

@@ -15,7 +15,7 @@ use candle_core::{
     CpuStorage, CudaStorage, DType, Device, InplaceOp2, Layout, Storage, Tensor, Var,
 };
 
-use crate::optim::AdamWScalars;
+use crate::optim::{AdamWKernel, AdamWScalars, MomentBuffer};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 const THREADS: u32 = 256; // the kernel's block, bert_adamw::THREADS
@@ -92,7 +92,7 @@ impl DeviceMoments {
         grad: &Tensor,
         scalars: AdamWScalars,
     ) -> candle_core::Result<()> {
-        let kernel = CudaAdamW {
+        let kernel = AdamWKernel {
             first: Mutex::new(&mut self.first),
             second: Mutex::new(&mut self.second),
             scalars,
@@ -102,14 +102,14 @@ impl DeviceMoments {
     }
 }
 
-/// The launch of `adamw_step_f32` on a variable (in place) and its gradient.
-struct CudaAdamW<'a> {
-    first: Mutex<&'a mut CudaSlice<f32>>,
-    second: Mutex<&'a mut CudaSlice<f32>>,
-    scalars: AdamWScalars,
+impl MomentBuffer for CudaSlice<f32> {
+    fn values(&self) -> usize {
+        self.len()
+    }
 }
 
-impl InplaceOp2 for CudaAdamW<'_> {
+/// The launch of `adamw_step_f32` on a variable (in place) and its gradient.
+impl InplaceOp2 for AdamWKernel<'_, CudaSlice<f32>> {
     fn name(&self) -> &'static str {
         "bert-adamw-cuda"
     }
@@ -131,29 +131,15 @@ impl InplaceOp2 for CudaAdamW<'_> {
         grad: &CudaStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<()> {
-        let (Some((t0, t1)), Some((g0, g1))) = (
-            theta_layout.contiguous_offsets(),
-            grad_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("{}: contiguous variable and gradient expected", self.name())
-        };
-        let poisoned = |_| candle_core::Error::Msg("AdamW moments: a lock was poisoned".into());
-        let mut first = self.first.lock().map_err(poisoned)?;
-        let mut second = self.second.lock().map_err(poisoned)?;
-        let n = t1 - t0;
-        if g1 - g0 != n || first.len() != n || second.len() != n {
-            candle_core::bail!(
-                "{}: moments, gradient and variable sizes differ",
-                self.name()
-            )
-        }
+        let (t, g, mut first, mut second) = self.checked(self.name(), theta_layout, grad_layout)?;
+        let n = t.len();
         if n == 0 {
             return Ok(());
         }
         let device = theta.device().clone();
         let func = device.get_or_load_custom_func("adamw_step_f32", "bert_adamw", PTX)?;
-        let grad = grad.as_cuda_slice::<f32>()?.slice(g0..g1);
-        let mut theta = theta.as_cuda_slice_mut::<f32>()?.slice_mut(t0..t1);
+        let grad = grad.as_cuda_slice::<f32>()?.slice(g);
+        let mut theta = theta.as_cuda_slice_mut::<f32>()?.slice_mut(t);
         let blocks = u32::try_from(n.div_ceil(THREADS as usize))
             .map_err(|_| candle_core::Error::Msg(format!("{n} elements exceed the grid")))?;
         let n = n as u64;

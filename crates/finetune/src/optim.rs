@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
@@ -264,16 +264,62 @@ pub(crate) struct AdamWScalars {
     pub grad_scale: f32,
 }
 
-/// The in-place AdamW update of one f32 variable on the CPU, PyTorch's arithmetic:
+/// The in-place AdamW update of one f32 variable, PyTorch's arithmetic:
 /// `g *= scale; theta *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
-/// theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
-struct AdamWKernel<'a> {
-    first: Mutex<&'a mut Vec<f32>>,
-    second: Mutex<&'a mut Vec<f32>>,
-    scalars: AdamWScalars,
+/// theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. The moments `M` are host
+/// vectors for the CPU kernel below, device buffers for the CUDA one (`cuda_adamw`).
+pub(crate) struct AdamWKernel<'a, M> {
+    pub first: Mutex<&'a mut M>,
+    pub second: Mutex<&'a mut M>,
+    pub scalars: AdamWScalars,
 }
 
-impl InplaceOp2 for AdamWKernel<'_> {
+/// A moment buffer's count of values.
+pub(crate) trait MomentBuffer {
+    fn values(&self) -> usize;
+}
+
+impl MomentBuffer for Vec<f32> {
+    fn values(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The variable's and the gradient's element ranges, and both moments, locked.
+type Checked<'g, 'a, M> = (
+    std::ops::Range<usize>,
+    std::ops::Range<usize>,
+    MutexGuard<'g, &'a mut M>,
+    MutexGuard<'g, &'a mut M>,
+);
+
+impl<'a, M: MomentBuffer> AdamWKernel<'a, M> {
+    /// The variable's and the gradient's element ranges (both layouts contiguous) and both
+    /// moments, locked, once all four hold as many values; `name` is the kernel's, for errors.
+    pub(crate) fn checked(
+        &self,
+        name: &str,
+        theta_layout: &Layout,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<Checked<'_, 'a, M>> {
+        let (Some((t0, t1)), Some((g0, g1))) = (
+            theta_layout.contiguous_offsets(),
+            grad_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("{name}: contiguous variable and gradient expected")
+        };
+        let poisoned = |_| candle_core::Error::Msg(format!("{name}: a moment's lock was poisoned"));
+        let first = self.first.lock().map_err(poisoned)?;
+        let second = self.second.lock().map_err(poisoned)?;
+        let n = t1 - t0;
+        if g1 - g0 != n || first.values() != n || second.values() != n {
+            candle_core::bail!("{name}: moments, gradient and variable sizes differ")
+        }
+        Ok((t0..t1, g0..g1, first, second))
+    }
+}
+
+impl InplaceOp2 for AdamWKernel<'_, Vec<f32>> {
     fn name(&self) -> &'static str {
         "bert-adamw"
     }
@@ -288,27 +334,8 @@ impl InplaceOp2 for AdamWKernel<'_> {
         let (CpuStorage::F32(theta), CpuStorage::F32(grad)) = (theta, grad) else {
             candle_core::bail!("{}: f32 variable and gradient expected", self.name())
         };
-        let (Some((t0, t1)), Some((g0, g1))) = (
-            theta_layout.contiguous_offsets(),
-            grad_layout.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("{}: contiguous variable and gradient expected", self.name())
-        };
-        let (theta, grad) = (&mut theta[t0..t1], &grad[g0..g1]);
-        let mut first = self
-            .first
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let mut second = self
-            .second
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        if first.len() != theta.len() || grad.len() != theta.len() {
-            candle_core::bail!(
-                "{}: moments, gradient and variable sizes differ",
-                self.name()
-            )
-        }
+        let (t, g, mut first, mut second) = self.checked(self.name(), theta_layout, grad_layout)?;
+        let (theta, grad) = (&mut theta[t], &grad[g]);
         const CHUNK: usize = 1 << 14;
         let s = &self.scalars;
         theta
