@@ -112,8 +112,8 @@ __device__ __forceinline__ void context_tile(const T* p, const T* v, float* o) {
 #endif
 
 // rows x D elements of tokens first.. (stride row_stride elements) into dst (leading dimension
-// QKV_LD), 16 bytes per load, plus bias[column] where bias is given; tokens at or past seq read as
-// zeros. Block-collective.
+// QKV_LD), 16 bytes per load, plus bias[column] where bias is given; tokens at or past seq
+// read as zeros. Block-collective.
 template <typename T, int D>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, const T* bias, int first,
                                           int rows, int seq, int row_stride) {
