@@ -212,9 +212,10 @@ __device__ __forceinline__ void attention(const T* __restrict__ qkv,
 
     // Each lane walks its half row from column `row` on (mod HALF_KEYS): in step, the 32
     // lanes would hit 2 banks of the score tile and 4 of the probability tile (rows 32 floats
-    // and 32 halves apart); rotated, they hit 32 (enumerated over the lanes' addresses). Unrolled by 4 only: fully
-    // unrolled, the compiler hoists all 16 rotated addresses and a d32 build needs 116
-    // registers instead of 72 (ptxas -v), which would cut the blocks an SM holds from 7 to 4.
+    // and 32 halves apart); rotated, they hit 32 (enumerated over the lanes' addresses).
+    // Unrolled by 4 only: fully unrolled, the compiler hoists all 16 rotated addresses and a
+    // d32 build needs 116 registers instead of 72 (ptxas -v), which would cut the blocks an SM
+    // holds from 7 to 4.
     // The tile's maximum of this row: this lane's half, then its partner's.
     float tile_max = -INFINITY;
 #pragma unroll 4
